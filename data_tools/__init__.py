@@ -1,0 +1,1 @@
+"""Offline data tools: tokenizer training and WebDataset sharding (see the README)."""

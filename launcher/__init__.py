@@ -1,0 +1,1 @@
+"""Ray cluster launch files and job submission (see the README)."""

@@ -1,0 +1,167 @@
+"""The one config tree of a run, loaded strictly from JSON with dotted `--set` overrides.
+
+    cfg = load_config("configs/tiny.json", overrides=["optim.lr=1e-4", "train.steps=100"])
+    save_config(cfg, "run/config.json")   # load_config of that file gives cfg back
+
+Each section that has a module lives next to it (ModelConfig in model.py, DiffusionConfig in
+diffusion/objectives.py); the sections below are read by the trainer, data reader and launcher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import fsspec
+
+from md4_dist.diffusion.objectives import DiffusionConfig
+from md4_dist.model import ModelConfig
+from md4_dist.strict_config import ConfigError, apply_overrides, from_dict, to_dict
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_dict"]
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # URL of a dataset's manifest.json (local path, s3://, gs://)
+    seq_len: int = 1024  # must equal the manifest's
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay (the paper's OpenWebText recipe)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float = 0.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay, warmup_steps and grad_clip must be >= 0 and eps > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "md4"
+    run_dir: str = "runs/md4"  # local path or object-storage URL
+    seed: int = 42
+    steps: int = 1_000_000
+    global_batch: int = 512  # sequences per optimizer step, the same for every world size
+    micro_batch: int = 16  # sequences per worker per forward pass
+    ema: float = 0.9999  # 0 disables the EMA of the parameters
+
+    def __post_init__(self):
+        if self.steps < 1 or self.global_batch < 1 or self.micro_batch < 1:
+            raise ValueError("steps, global_batch and micro_batch must be >= 1")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch ({self.global_batch}) must be a multiple of "
+                             f"micro_batch ({self.micro_batch})")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5000  # steps between checkpoints
+    keep: int = 3  # committed checkpoints kept
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep < 1:
+            raise ValueError("every and keep must be >= 1")
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int | tuple[int, int] = 1  # a fixed count, or [min, max] for an elastic run
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+
+    def __post_init__(self):
+        lo, hi = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        if not 1 <= lo <= hi:
+            raise ValueError(f"num_workers must be >= 1 (or [min, max] with 1 <= min <= max), "
+                             f"got {self.num_workers}")
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["bf16", "fp32"] = "bf16"
+    offload_optimizer: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 100  # steps between metrics.jsonl / TensorBoard records
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations; 0 disables
+    batches: int = 8
+
+    def __post_init__(self):
+        if self.every < 0 or self.batches < 1:
+            raise ValueError("every must be >= 0 and batches >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    return from_dict(Config, apply_overrides(Config, data, list(overrides)))
+
+
+def load_config(url: str, overrides: list[str] = ()) -> Config:
+    """Read a JSON config (any fsspec URL), apply `key.path=value` overrides, validate."""
+    try:
+        with fsspec.open(url, "r") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {url} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {url} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {url} must hold a JSON object, got {type(data).__name__}")
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{url}: {e}") from None
+
+
+def save_config(cfg: Config, url: str) -> None:
+    with fsspec.open(url, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+        f.write("\n")

@@ -1,0 +1,149 @@
+"""MD4 and GenMD4 loss terms as pure functions of tensors (nats per sequence).
+
+Shapes: logits [B, L, V] over the V real tokens (no mask logit), x [B, L] int64 in [0, V),
+zt [B, L] int64 with mask id V, t [B]. Results are computed in the promoted dtype of the inputs
+and float32 (float64 in, float64 out; bf16 logits give float32). The formulas are those of
+PAPER.md, checked against the official md4.py / genmd4.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from md4_dist.diffusion import checks
+from md4_dist.diffusion.schedules import LearnablePolySchedule, MaskingSchedule, MD4Schedule
+
+
+def _dtype(*tensors: torch.Tensor) -> torch.dtype:
+    out = torch.float32
+    for x in tensors:
+        out = torch.promote_types(out, x.dtype)
+    return out
+
+
+def _vocab(schedule: MaskingSchedule, logits: torch.Tensor) -> int:
+    V = logits.shape[-1]
+    if schedule.vocab_size is not None and schedule.vocab_size != V:
+        raise ValueError(f"logits have V = {V} but the schedule was built for vocab_size = "
+                         f"{schedule.vocab_size}")
+    return V
+
+
+def _check(logits, x, zt, t, V, t_low=0.0):
+    checks.tokens("x", x, None, V - 1)
+    B, L = x.shape
+    checks.logits("logits", logits, B, L, V)
+    checks.masked_copy("zt", zt, x, V)
+    checks.times("t", t, B, t_low)
+
+
+def log_prob_of_data(logits: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log p_theta(x_n | z_t): logits [B, L, V], x [B, L] -> [B, L]."""
+    lg = logits.to(dtype)
+    return lg.gather(-1, x[..., None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+
+
+def md4_diffusion_loss(logits, x, zt, t, schedule: MD4Schedule, timesteps: int | None = None):
+    """MD4 diffusion term: [B].
+
+    Continuous time (timesteps None): weight(t) * sum_{n masked} log p(x_n | z_t).
+    Discrete time with T steps: t must lie on the grid k / T (k = 1..T, see
+    `forward.discretize_time`); with s = t - 1/T and gamma = log(alpha / (1 - alpha)) the weight is
+    T * expm1(gamma_t - gamma_s) * alpha_s.
+    """
+    if not isinstance(schedule, MD4Schedule):
+        raise ValueError(f"md4_diffusion_loss needs an MD4 schedule, got {type(schedule).__name__}")
+    V = _vocab(schedule, logits)
+    _check(logits, x, zt, t, V)
+    dtype = _dtype(logits, t)
+    t = t.to(dtype)
+    masked_log_p = (log_prob_of_data(logits, x, dtype) * (zt == V)).sum(-1)  # [B], <= 0
+    if timesteps is None:
+        return schedule.weight(t) * masked_log_p
+    if not isinstance(timesteps, int) or timesteps < 1:
+        raise ValueError(f"timesteps must be a positive int or None, got {timesteps!r}")
+    k = t * timesteps
+    if checks._VALUE_CHECKS and not torch.allclose(k, torch.round(k), atol=1e-4):
+        raise ValueError(f"t must lie on the grid k / {timesteps} for discrete time; "
+                         "use forward.discretize_time")
+    s = t - 1.0 / timesteps
+    weight = timesteps * torch.expm1(schedule.log_snr(t) - schedule.log_snr(s)) * schedule.alpha(s)
+    return weight * masked_log_p
+
+
+def md4_recon_loss(schedule: MD4Schedule, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """Reconstruction term L (1 - alpha(0)) log V: a float64 scalar."""
+    if not isinstance(schedule, MD4Schedule):
+        raise ValueError(f"md4_recon_loss needs an MD4 schedule, got {type(schedule).__name__}")
+    if seq_len < 1 or vocab_size < 2:
+        raise ValueError(f"need seq_len >= 1 and vocab_size >= 2, got {seq_len}, {vocab_size}")
+    alpha0 = schedule.alpha(torch.zeros((), dtype=torch.float64))
+    return seq_len * (1.0 - alpha0) * math.log(vocab_size)
+
+
+def genmd4_diffusion_loss(logits, x, zt, t, schedule: LearnablePolySchedule):
+    """GenMD4 diffusion term: [B].
+
+    At each masked position n with p = softmax(logits):
+    (w_{x_n} / t) (-log p(x_n) - 1) + sum_j (w_j / t) p_j, summed over masked positions.
+    """
+    if not isinstance(schedule, LearnablePolySchedule):
+        raise ValueError(f"genmd4_diffusion_loss needs a learnable_poly schedule, got {type(schedule).__name__}")
+    V = _vocab(schedule, logits)
+    _check(logits, x, zt, t, V)
+    dtype = _dtype(logits, t)
+    w = schedule.exponents(dtype)  # [V]
+    log_p = torch.log_softmax(logits.to(dtype), dim=-1)  # [B, L, V]
+    log_p_x = log_p.gather(-1, x[..., None]).squeeze(-1)  # [B, L]
+    expected_w = log_p.exp() @ w  # sum_j w_j p_j: [B, L]
+    integrand = w[x] * (-log_p_x - 1.0) + expected_w  # [B, L]
+    return (integrand * (zt == V)).sum(-1) / t.to(dtype)
+
+
+def genmd4_recon_loss(x, schedule: LearnablePolySchedule, t1: float):
+    """GenMD4 reconstruction term at t1 (official genmd4.py `recon_loss`): [B].
+
+    -(1 - eps) sum_n t1^{w_{x_n}} (w_{x_n} log t1 - logsumexp_j(w_j log t1)).
+    """
+    if not isinstance(schedule, LearnablePolySchedule):
+        raise ValueError(f"genmd4_recon_loss needs a learnable_poly schedule, got {type(schedule).__name__}")
+    checks.tokens("x", x, None, schedule.vocab_size - 1)
+    if not 0 < t1 < 1:
+        raise ValueError(f"t1 must lie in (0, 1), got {t1}")
+    w = schedule.exponents()  # [V]
+    w_log_t = w * math.log(t1)
+    w_log_t_x = w_log_t[x]  # [B, L]
+    per_pos = -(1.0 - schedule.eps) * torch.exp(w_log_t_x) * (w_log_t_x - torch.logsumexp(w_log_t, 0))
+    return per_pos.sum(-1)
+
+
+def genmd4_log_q(x, zt, t, schedule: LearnablePolySchedule):
+    """log q(z_t | x) = sum_n [masked: log(1 - eps) + w_{x_n} log t; kept: log alpha_t(x_n)]: [B]."""
+    dtype = _dtype(t)
+    w_log_t = schedule.exponents(dtype)[x] * torch.log(t.to(dtype))[:, None]  # [B, L]
+    log_masked = math.log1p(-schedule.eps) + w_log_t
+    log_kept = torch.log1p(-(1.0 - schedule.eps) * torch.exp(w_log_t))
+    return torch.where(zt == schedule.vocab_size, log_masked, log_kept).sum(-1)
+
+
+def genmd4_rloo_term(x, zt1, zt2, t, schedule: LearnablePolySchedule, loss1, loss2):
+    """REINFORCE with a leave-one-out baseline for the exponents: [B].
+
+    0.5 * stopgrad(L1 - L2) * (log q(z1 | x) - log q(z2 | x)); its value is zero-mean noise, its
+    gradient the score-function part of d E[loss] / d phi.
+    """
+    if not isinstance(schedule, LearnablePolySchedule):
+        raise ValueError(f"genmd4_rloo_term needs a learnable_poly schedule, got {type(schedule).__name__}")
+    V = schedule.vocab_size
+    checks.tokens("x", x, None, V - 1)
+    B = x.shape[0]
+    checks.masked_copy("zt1", zt1, x, V)
+    checks.masked_copy("zt2", zt2, x, V)
+    checks.times("t", t, B)
+    checks.per_sequence("loss1", loss1, B)
+    checks.per_sequence("loss2", loss2, B)
+    log_q1 = genmd4_log_q(x, zt1, t, schedule)
+    log_q2 = genmd4_log_q(x, zt2, t, schedule)
+    return 0.5 * (loss1 - loss2).detach() * (log_q1 - log_q2)

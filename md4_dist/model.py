@@ -1,0 +1,172 @@
+"""The MD4 / GenMD4 denoiser: noised tokens z_t and time t in, logits over the V real tokens out.
+
+A pure `nn.Module` (no loss, no sampling, no distribution). Architecture of the paper's MD4-S
+(PAPER.md; official `md4/networks/transformer.py`): token embedding over V + 1 ids (the mask id V
+is an input embedding only), bidirectional attention with RoPE through SDPA, LayerNorm without
+scale or bias modulated by adaLN-Zero from a time embedding, a gated MLP, and a zero-initialised
+untied output layer over the V real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MlpType = Literal["glu", "swiglu", "geglu"]
+# The gate activation of each MLP type; the official code uses the same activation in front of
+# every adaLN projection.
+_ACTIVATIONS = {"glu": torch.sigmoid, "swiglu": F.silu, "geglu": F.gelu}
+
+
+@dataclass
+class ModelConfig:
+    """Denoiser shape. The defaults are MD4-S with the GPT-2 vocabulary."""
+
+    vocab_size: int = 50257
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    mlp_type: MlpType = "glu"
+    mlp_hidden: int = 0  # 0: the official rule, 2/3 * 4 * dim rounded up to a multiple of 32
+    time_dim: int = 64  # width of the time embedding that conditions every block
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    depth_scaled_init: bool = True  # MLP init variance 2 / n_layers, as the official MD4-S
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "time_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of "
+                             "even size (RoPE rotates pairs)")
+        if self.time_dim % 2 or self.time_dim < 4:
+            raise ValueError(f"time_dim must be even and >= 4, got {self.time_dim}")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden must be >= 0, got {self.mlp_hidden}")
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        h = int(2 * 4 * self.dim / 3)
+        return 32 * ((h + 31) // 32)
+
+
+def _trunc_normal_(w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Flax's variance_scaling(scale, 'fan_in', 'truncated_normal') for a torch Linear weight."""
+    std = math.sqrt(scale / w.shape[1]) / 0.87962566103423978  # undo the truncation's shrink
+    return nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of 1000 t: [B] -> [B, dim] (sin half, then cos half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, device=t.device))
+    angles = 1000.0 * t.float()[:, None] * freqs[None, :]  # [B, half]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [L, head_dim / 2] for rotary embeddings over adjacent pairs."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, H, L, hd] by the position's angles."""
+    xr = x.float().unflatten(-1, (-1, 2))  # [B, H, L, hd/2, 2]
+    a, b = xr[..., 0], xr[..., 1]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero: shift, scale and gate from the time embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.act = _ACTIVATIONS[cfg.mlp_type]
+        self.eps = cfg.norm_eps
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.attn_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.mlp_in = nn.Linear(cfg.dim, 2 * cfg.hidden, bias=False)  # [activation input | value]
+        self.mlp_out = nn.Linear(cfg.hidden, cfg.dim, bias=False)
+        self.ada = nn.Linear(cfg.time_dim, 6 * cfg.dim)  # zero-initialised: blocks start as identity
+
+    def forward(self, h, cond, cos, sin):
+        # h: [B, L, D], cond: [B, time_dim]
+        B, L, D = h.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(self.act(cond))[:, None].chunk(6, -1)
+        x = F.layer_norm(h, (D,), eps=self.eps) * (1 + scale_a) + shift_a
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, hd], bidirectional
+        h = h + gate_a * self.attn_out(attn.transpose(1, 2).reshape(B, L, D))
+        x = F.layer_norm(h, (D,), eps=self.eps) * (1 + scale_m) + shift_m
+        gate, value = self.mlp_in(x).chunk(2, -1)
+        return h + gate_m * self.mlp_out(self.act(gate) * value)
+
+
+class Denoiser(nn.Module):
+    """p_theta(x | z_t, t): tokens [B, L] in [0, V] (V is the mask) and t [B] -> logits [B, L, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.act = _ACTIVATIONS[cfg.mlp_type]
+        self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.dim)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(cfg.time_dim, 4 * cfg.time_dim), nn.SiLU(), nn.Linear(4 * cfg.time_dim, cfg.time_dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.out_ada = nn.Linear(cfg.time_dim, 2 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        cfg = self.cfg
+        nn.init.normal_(self.embed.weight, std=cfg.dim ** -0.5)
+        for lin in (self.time_mlp[0], self.time_mlp[2]):
+            _trunc_normal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        mlp_scale = 2.0 / cfg.n_layers if cfg.depth_scaled_init else 1.0
+        for blk in self.blocks:
+            _trunc_normal_(blk.qkv.weight)
+            _trunc_normal_(blk.attn_out.weight)
+            _trunc_normal_(blk.mlp_in.weight, mlp_scale)
+            _trunc_normal_(blk.mlp_out.weight, mlp_scale)
+            nn.init.zeros_(blk.ada.weight)
+            nn.init.zeros_(blk.ada.bias)
+        nn.init.zeros_(self.out_ada.weight)
+        nn.init.zeros_(self.out_ada.bias)
+        nn.init.zeros_(self.out.weight)
+
+    def hidden(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The modulated final hidden state [B, L, D]; `forward` projects it to logits.
+
+        Split out so a loss can project only the positions it needs.
+        """
+        cfg = self.cfg
+        if zt.dim() != 2 or zt.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"zt must be an integer tensor [B, L], got {zt.dtype} {tuple(zt.shape)}")
+        if t.shape != zt.shape[:1]:
+            raise ValueError(f"t must have shape [B] = {tuple(zt.shape[:1])}, got {tuple(t.shape)}")
+        L = zt.shape[1]
+        cond = self.time_mlp(timestep_embedding(t, cfg.time_dim).to(self.embed.weight.dtype))
+        cos, sin = rope_tables(L, cfg.dim // cfg.n_heads, cfg.rope_theta, zt.device)
+        h = self.embed(zt)
+        for blk in self.blocks:
+            h = blk(h, cond, cos, sin)
+        shift, scale = self.out_ada(self.act(cond))[:, None].chunk(2, -1)
+        return F.layer_norm(h, (cfg.dim,), eps=cfg.norm_eps) * (1 + scale) + shift
+
+    def forward(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(zt, t))  # [B, L, V]

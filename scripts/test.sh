@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv/ (scripts/setup.sh) and run the test suite; extra arguments go to pytest.
+#   bash scripts/test.sh
+#   bash scripts/test.sh tests/test_losses.py -k genmd4
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"

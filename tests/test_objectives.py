@@ -1,0 +1,182 @@
+"""Objectives: Monte Carlo checks of the NELBO and of the RLOO gradient, forward process, times."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from md4_dist.diffusion import losses
+from md4_dist.diffusion.forward import discretize_time, forward_sample, sample_times
+from md4_dist.diffusion.objectives import (DiffusionConfig, build_schedule, genmd4_objective,
+                                           md4_objective, objective)
+from md4_dist.diffusion.schedules import build
+from md4_dist.model import Denoiser, ModelConfig
+
+TINY = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, time_dim=16)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_uniform_logits_nelbo_is_L_log_V(name):
+    """The zero-initialised denoiser predicts uniformly: E[NELBO] = L log V (1 - eps)."""
+    torch.manual_seed(0)
+    V, L, B = TINY.vocab_size, 16, 4096
+    den = Denoiser(TINY)
+    sched = build(name, vocab_size=V)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (B, L), generator=g)
+    with torch.no_grad():
+        # i.i.d. times (not antithetic), so the sample standard error is valid
+        nelbo = torch.cat([md4_objective(den, sched, x, generator=g, antithetic=False).nelbo
+                           for _ in range(4)]).double()
+    mean, se = nelbo.mean().item(), nelbo.std().item() / math.sqrt(len(nelbo))
+    want = L * math.log(V) * (1 - 1e-4)
+    print(f"{name}: NELBO {mean:.3f} +- {se:.3f}, L log V = {want:.3f}")
+    assert abs(mean - want) < 4 * se
+    assert se < 0.02 * want  # the check has power
+
+
+def test_md4_discrete_objective_uses_grid_times():
+    V = TINY.vocab_size
+    den = Denoiser(TINY)
+    out = md4_objective(den, build("linear", vocab_size=V), torch.randint(0, V, (8, 12)),
+                        generator=torch.Generator().manual_seed(0), timesteps=20)
+    assert out.loss.shape == () and out.nelbo.shape == (8,) and torch.isfinite(out.nelbo).all()
+    assert out.bits_per_token == pytest.approx(out.nelbo.mean() / (12 * math.log(2)))
+
+
+def test_genmd4_objective_runs_both_masks_as_one_batch():
+    V, B, L = TINY.vocab_size, 4, 10
+    den = Denoiser(TINY)
+    sched = build("learnable_poly", vocab_size=V)
+    seen = []
+
+    def spy(zt, t):
+        seen.append(tuple(zt.shape))
+        return den(zt, t)
+
+    out = genmd4_objective(spy, sched, torch.randint(0, V, (B, L)),
+                           generator=torch.Generator().manual_seed(0))
+    assert seen == [(2 * B, L)]
+    out.loss.backward()
+    assert sched.phi.grad is not None and torch.isfinite(sched.phi.grad).all()
+    assert out.stats["exponent_min"] == pytest.approx(1.0) == out.stats["exponent_max"]
+
+
+def test_genmd4_with_equal_exponents_matches_md4_poly_objective():
+    """Same seed, same times and masks (t in [t1, 1] on both sides): the NELBOs agree to eps."""
+    V, B, L = TINY.vocab_size, 64, 10
+    torch.manual_seed(0)
+    den = Denoiser(TINY)
+    with torch.no_grad():
+        for p in den.parameters():
+            p.normal_(0, 0.3)  # a non-trivial denoiser
+    x = torch.randint(0, V, (B, L))
+    gen = build("learnable_poly", vocab_size=V, power_init=1.0).double()
+    md4 = build("poly1", vocab_size=V)
+    t = torch.linspace(0.3, 1.0, B, dtype=torch.float64)
+    zt = forward_sample(x, t, md4, torch.Generator().manual_seed(2))
+    logits = den(zt, t.float()).double()
+    a = losses.genmd4_diffusion_loss(logits, x, zt, t, gen)
+    b = losses.md4_diffusion_loss(logits, x, zt, t, md4)
+    torch.testing.assert_close(a, b, rtol=5e-4, atol=0)
+
+
+def test_forward_sample_keeps_with_alpha():
+    V = 7
+    sched = build("learnable_poly", vocab_size=V).double()
+    with torch.no_grad():
+        sched.phi.copy_(torch.linspace(-2, 2, V, dtype=torch.float64))
+    x = torch.arange(V).repeat(20000, 1)  # each token in each column
+    t = torch.full((20000,), 0.5, dtype=torch.float64)
+    zt = forward_sample(x, t, sched, torch.Generator().manual_seed(0))
+    assert ((zt == x) | (zt == V)).all()
+    kept = (zt == x).double().mean(0)
+    want = sched.alpha(torch.tensor(0.5, dtype=torch.float64))
+    assert (kept - want).abs().max() < 4 * math.sqrt(0.25 / 20000)
+
+
+def test_sample_times():
+    t = sample_times(8, torch.Generator().manual_seed(0))
+    assert t.shape == (8,) and (t > 0).all() and (t <= 1).all()
+    gaps = torch.sort(t).values.diff()
+    torch.testing.assert_close(gaps, torch.full((7,), 1 / 8), rtol=0, atol=1e-6)  # antithetic
+    td = discretize_time(torch.tensor([1e-9, 0.1, 0.1001, 0.5, 1.0], dtype=torch.float64), 10)
+    torch.testing.assert_close(td, torch.tensor([0.1, 0.1, 0.2, 0.5, 1.0], dtype=torch.float64))
+
+
+def test_rloo_gradient_matches_exact_gradient():
+    """On V = 3, L = 2 every mask can be enumerated: d/dphi sum_z q_phi(z | x) loss_phi(z) is
+    exact, and the mean gradient of the RLOO surrogate must match it within Monte Carlo error.
+    Without the RLOO term (pathwise part only) it must not."""
+    V, L = 3, 2
+    x0 = torch.tensor([[0, 2]])
+    t0 = 0.45
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(L, V + 1, L, V, generator=gen, dtype=torch.float64)  # fixed "denoiser"
+
+    def logits_of(zt):  # [B, L] -> [B, L, V]: depends on every position's token
+        return sum(table[n][zt[:, n]] for n in range(L))
+
+    sched = build("learnable_poly", vocab_size=V).double()
+    with torch.no_grad():
+        sched.phi.copy_(torch.tensor([-0.4, 0.3, 1.1], dtype=torch.float64))
+
+    # exact: enumerate the 2^L masks
+    exact_obj = 0.0
+    for m in itertools.product([False, True], repeat=L):
+        mask = torch.tensor([m])
+        zt = torch.where(mask, torch.full_like(x0, V), x0)
+        t = torch.tensor([t0], dtype=torch.float64)
+        log_q = losses.genmd4_log_q(x0, zt, t, sched)
+        exact_obj = exact_obj + log_q.exp() * losses.genmd4_diffusion_loss(logits_of(zt), x0, zt, t, sched)
+    (exact,) = torch.autograd.grad(exact_obj.sum(), sched.phi)
+
+    def chunk_grads(with_rloo: bool, chunks=24, n=8192):
+        grads = []
+        g = torch.Generator().manual_seed(7)
+        for _ in range(chunks):
+            x = x0.expand(n, L)
+            t = torch.full((n,), t0, dtype=torch.float64)
+            z1, z2 = forward_sample(x, t, sched, g), forward_sample(x, t, sched, g)
+            l1 = losses.genmd4_diffusion_loss(logits_of(z1), x, z1, t, sched)
+            l2 = losses.genmd4_diffusion_loss(logits_of(z2), x, z2, t, sched)
+            surrogate = 0.5 * (l1 + l2)
+            if with_rloo:
+                surrogate = surrogate + losses.genmd4_rloo_term(x, z1, z2, t, sched, l1, l2)
+            grads.append(torch.autograd.grad(surrogate.mean(), sched.phi)[0])
+        grads = torch.stack(grads)
+        return grads.mean(0), grads.std(0) / math.sqrt(chunks)
+
+    mc, se = chunk_grads(True)
+    print("exact", exact.tolist(), "rloo", mc.tolist(), "se", se.tolist())
+    assert ((mc - exact).abs() < 4 * se + 1e-9).all()
+    pathwise, se_p = chunk_grads(False)
+    assert ((pathwise - exact).abs() > 4 * se_p).any(), "the score-function part must matter"
+
+
+def test_objective_dispatch_and_config_validation():
+    V = TINY.vocab_size
+    den = Denoiser(TINY)
+    x = torch.randint(0, V, (4, 8))
+    for cfg in [DiffusionConfig(kind="md4", schedule="cosine"),
+                DiffusionConfig(kind="genmd4", schedule="learnable_poly", power_init=2.0)]:
+        sched = build_schedule(cfg, V)
+        out = objective(cfg, den, sched, x, torch.Generator().manual_seed(0))
+        assert torch.isfinite(out.loss)
+        assert ("exponent_mean" in out.stats) == (cfg.kind == "genmd4")
+    with pytest.raises(ValueError, match="learnable_poly"):
+        DiffusionConfig(kind="genmd4", schedule="linear")
+    with pytest.raises(ValueError, match="'quadratic'"):
+        DiffusionConfig(kind="md4", schedule="quadratic")
+    with pytest.raises(ValueError, match="timesteps"):
+        DiffusionConfig(kind="genmd4", schedule="learnable_poly", timesteps=10)
+
+
+def test_objective_rejects_out_of_range_tokens():
+    V = TINY.vocab_size
+    den = Denoiser(TINY)
+    with pytest.raises(ValueError, match="^x "):
+        md4_objective(den, build("linear", vocab_size=V), torch.full((2, 4), V))
+    with pytest.raises(ValueError, match="vocab_size"):
+        md4_objective(den, build("linear"), torch.zeros(2, 4, dtype=torch.int64))
