@@ -4,7 +4,8 @@
     save_config(cfg, "run/config.json")   # load_config of that file gives cfg back
 
 Each section that has a module lives next to it (ModelConfig in model.py, DiffusionConfig in
-diffusion/objectives.py); the sections below are read by the trainer, data reader and launcher.
+diffusion/objectives.py, DataConfig in data/reader.py, StorageConfig in data/storage.py); the
+sections below are read by the trainer and the launcher.
 """
 
 from __future__ import annotations
@@ -15,21 +16,13 @@ from typing import Literal
 
 import fsspec
 
+from md4_dist.data.reader import DataConfig
+from md4_dist.data.storage import StorageConfig
 from md4_dist.diffusion.objectives import DiffusionConfig
 from md4_dist.model import ModelConfig
 from md4_dist.strict_config import ConfigError, apply_overrides, from_dict, to_dict
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_dict"]
-
-
-@dataclass
-class DataConfig:
-    manifest: str = ""  # URL of a dataset's manifest.json (local path, s3://, gs://)
-    seq_len: int = 1024  # must equal the manifest's
-
-    def __post_init__(self):
-        if self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
 
 
 @dataclass
@@ -131,6 +124,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -1,0 +1,193 @@
+"""Streaming token batches from WebDataset shards, in a global order fixed by (seed, epoch) alone.
+
+    manifest = load_manifest("s3://bucket/owt")        # or a local path
+    stream = TokenStream(manifest, "train", batch_size=16, rank=r, world_size=W, seed=0)
+    for batch in make_loader(stream, num_workers=2):
+        batch["tokens"]   # [b, L] int64
+        batch["ids"]      # [b] int64: global sample ids (index in the manifest's order)
+        batch["state"]    # the reader state after this batch: resume with TokenStream(..., state=...)
+
+The global order of an epoch: shards permuted by (seed, epoch), each shard's sequences permuted by
+(seed, epoch, shard), concatenated; epochs follow each other. Position P of this endless stream
+belongs to rank P mod W, so the ranks together read every sequence exactly once per epoch, for any
+world size. A rank's positions form micro-batches of `batch_size`; DataLoader worker k of K makes
+batches k, k + K, ..., and the DataLoader's round-robin returns them in order, so the worker count
+changes nothing either. The state is the global cursor after the batch; since every rank trains
+the same number of batches, it is the same on every rank and resumes at any world size.
+
+Each worker reads a whole shard and keeps its share of it, so every reader reads every shard once
+per epoch (W x K times the data in all): cheap at the consumption rate of a GPU, see
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from md4_dist.data.manifest import TOKENS_EXT, Manifest, ManifestError
+from md4_dist.data.storage import StorageConfig, StorageError, open_url
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # dataset directory or manifest.json URL: local path, s3://, gs://
+    seq_len: int = 1024  # must equal the manifest's
+    loader_workers: int = 2  # DataLoader worker processes per rank
+    on_corrupt: Literal["raise", "skip"] = "raise"  # skip: drop a bad shard's sequences, counted
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
+
+
+class CorruptShardError(IOError):
+    """A shard is missing, truncated or malformed; the message names its URL."""
+
+
+def read_shard(url: str, sequences: int, seq_len: int, dtype: str,
+               storage: StorageConfig | None = None) -> np.ndarray:
+    """All sequences of one shard, in file order: [sequences, seq_len] of dtype."""
+    out = np.empty((sequences, seq_len), dtype=dtype)
+    n = 0
+    try:
+        with open_url(url, "rb", storage) as f:
+            for member in wds.tariterators.tar_file_iterator(f):
+                if not member["fname"].endswith("." + TOKENS_EXT):
+                    continue
+                arr = np.load(io.BytesIO(member["data"]), allow_pickle=False)
+                if arr.shape != (seq_len,) or arr.dtype != np.dtype(dtype):
+                    raise CorruptShardError(f"{url}: {member['fname']} holds {arr.dtype}{list(arr.shape)}, "
+                                            f"expected {dtype}[{seq_len}]")
+                if n == sequences:
+                    raise CorruptShardError(f"{url}: more than the manifest's {sequences} sequences")
+                out[n] = arr
+                n += 1
+    except CorruptShardError:
+        raise
+    except StorageError as e:
+        raise CorruptShardError(f"cannot read shard: {e}") from None
+    except Exception as e:  # noqa: BLE001 - tarfile / numpy errors on damaged bytes
+        raise CorruptShardError(f"{url}: unreadable shard ({type(e).__name__}: {e})") from None
+    if n != sequences:
+        raise CorruptShardError(f"{url}: truncated: {n} of the manifest's {sequences} sequences")
+    return out
+
+
+class TokenStream(IterableDataset):
+    """Rank `rank` of `world_size`'s share of the global order, as micro-batches (see module doc)."""
+
+    def __init__(self, manifest: Manifest, split: str, batch_size: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, state: dict | None = None, loop: bool = True,
+                 on_corrupt: str = "raise", storage: StorageConfig | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        self.manifest, self.split_name = manifest, split
+        self.split = manifest.split(split)
+        if self.split.sequences == 0:
+            raise ManifestError(f"{manifest.url}: split {split!r} is empty")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.loop, self.on_corrupt, self.storage = seed, loop, on_corrupt, storage
+        self.start = 0 if state is None else self._position(state)
+        self._counts = np.array([s.sequences for s in self.split.shards], dtype=np.int64)
+        self._starts = self.split.shard_starts()
+
+    def _position(self, state: dict) -> int:
+        want = {"version": STATE_VERSION, "seed": self.seed, "manifest_sha256": self.manifest.sha256}
+        for key, value in want.items():
+            if state.get(key) != value:
+                raise ValueError(f"reader state {key} = {state.get(key)!r} does not match this reader's "
+                                 f"{value!r} (manifest {self.manifest.url})")
+        epoch, cursor = state["epoch"], state["cursor"]
+        if not (isinstance(epoch, int) and isinstance(cursor, int) and epoch >= 0
+                and 0 <= cursor < self.split.sequences):
+            raise ValueError(f"reader state has a bad epoch / cursor: {epoch!r} / {cursor!r}")
+        return epoch * self.split.sequences + cursor
+
+    def state_at(self, position: int) -> dict:
+        """The JSON state for global stream position `position`."""
+        n = self.split.sequences
+        return {"version": STATE_VERSION, "seed": self.seed, "epoch": position // n,
+                "cursor": position % n, "manifest_sha256": self.manifest.sha256}
+
+    # -- the global order ---------------------------------------------------------------------
+    def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard permutation of an epoch and the end offset of each permuted shard."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._counts))
+        return order, np.cumsum(self._counts[order])
+
+    def _within(self, epoch: int, shard: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, shard]).permutation(int(self._counts[shard]))
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(shard index, index inside the shard's file) of global stream position `position`."""
+        n = self.split.sequences
+        epoch, i = divmod(position, n)
+        order, ends = self._shard_order(epoch)
+        slot = int(np.searchsorted(ends, i, side="right"))
+        shard = int(order[slot])
+        j = i - int(ends[slot] - self._counts[shard])
+        return shard, int(self._within(epoch, shard)[j])
+
+    # -- iteration ------------------------------------------------------------------------------
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cache: dict[int, np.ndarray | None] = {}  # the last two shards read (None: corrupt, skipped)
+        m, W, n = self.batch_size, self.world_size, self.split.sequences
+        b = worker
+        while True:
+            positions = [self.start + self.rank + (b * m + k) * W for k in range(m)]
+            if not self.loop:
+                positions = [p for p in positions if p < n]
+                if not positions:
+                    return
+            rows, ids, skipped = [], [], 0
+            for p in positions:
+                shard, q = self.locate(p)
+                if shard not in cache:
+                    cache[shard] = self._load(shard)
+                    while len(cache) > 2:
+                        del cache[next(iter(cache))]
+                if cache[shard] is None:
+                    skipped += 1
+                    continue
+                rows.append(cache[shard][q])
+                ids.append(int(self._starts[shard]) + q)
+            tokens = np.stack(rows).astype(np.int64) if rows else np.empty((0, self.manifest.seq_len), np.int64)
+            yield {"tokens": torch.from_numpy(tokens), "ids": torch.tensor(ids, dtype=torch.int64),
+                   "skipped": skipped, "state": self.state_at(self.start + (b + 1) * m * W)}
+            b += workers
+
+    def _load(self, shard: int) -> np.ndarray | None:
+        meta = self.split.shards[shard]
+        url = self.manifest.shard_url(meta.name)
+        try:
+            return read_shard(url, meta.sequences, self.manifest.seq_len, self.manifest.dtype, self.storage)
+        except CorruptShardError as e:
+            if self.on_corrupt == "raise":
+                raise
+            log.warning("skipping %d sequences of a corrupt shard: %s", meta.sequences, e)
+            return None
+
+
+def make_loader(stream: TokenStream, num_workers: int = 2) -> DataLoader:
+    """A DataLoader over the stream's ready-made batches, in order."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      prefetch_factor=4 if num_workers else None)
