@@ -3,19 +3,21 @@
 S3 credentials, region and endpoint come from the standard AWS variables (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)
 or from a `StorageConfig`, which wins where set. Every network wait is bounded: connect and read
-timeouts plus few retries, so an unreachable endpoint or missing credentials fail in well under
+timeouts and two tries in all, so an unreachable endpoint or missing credentials fail in under
 30 s with an error that names the URL.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import fsspec
 
 CONNECT_TIMEOUT_S = 5
-READ_TIMEOUT_S = 20
+READ_TIMEOUT_S = 6  # per socket read; botocore makes up to three tries: about 20 s in all
+S3FS_RETRIES = 1  # s3fs tries per call (its loops nest); botocore retries within each
 
 
 class StorageError(OSError):
@@ -30,6 +32,7 @@ class StorageConfig:
     # (MinIO, tests) where a per-run key pair is the norm.
     key: str = ""
     secret: str = ""
+    anon: bool = False  # unsigned requests, for public buckets
 
 
 def protocol(url: str) -> str:
@@ -37,7 +40,7 @@ def protocol(url: str) -> str:
 
 
 def storage_options(url: str, cfg: StorageConfig | None = None) -> dict:
-    """fsspec keyword arguments for `url`."""
+    """fsspec keyword arguments for `url`; raises StorageError when S3 has no credentials."""
     cfg = cfg or StorageConfig()
     proto = protocol(url)
     if proto in ("s3", "s3a"):
@@ -52,19 +55,44 @@ def storage_options(url: str, cfg: StorageConfig | None = None) -> dict:
             "client_kwargs": client_kwargs,
             "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
                               "retries": {"max_attempts": 2, "mode": "standard"}},
-            "retries": 2,  # s3fs's own retry loop on top of botocore's
         }
-        if cfg.key:
+        if cfg.anon:
+            opts["anon"] = True
+        elif cfg.key:
             opts.update(key=cfg.key, secret=cfg.secret)
+        elif not _have_aws_credentials():
+            raise StorageError(f"no S3 credentials for {url}: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role, or the "
+                               "storage section's key / secret; storage.anon for public buckets)")
         return opts
     if proto in ("gs", "gcs"):
         return {"timeout": READ_TIMEOUT_S}
     return {}
 
 
+@functools.lru_cache(maxsize=None)
+def _credentials_for(env_key: tuple) -> bool:
+    import botocore.session
+
+    return botocore.session.get_session().get_credentials() is not None
+
+
+def _have_aws_credentials() -> bool:
+    """Whether botocore's standard chain finds credentials (cached per relevant environment)."""
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    return _credentials_for(tuple(os.environ.get(k) for k in keys))
+
+
 def filesystem(url: str, cfg: StorageConfig | None = None):
     """(fs, path) for url."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options(url, cfg))
+    opts = storage_options(url, cfg)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
+    except ImportError as e:
+        raise StorageError(f"no filesystem for {url}: {e} (gs:// needs `pip install gcsfs`)") from None
+    if hasattr(fs, "retries"):  # s3fs: 5 tries by default, each up to the timeouts above
+        fs.retries = S3FS_RETRIES
     return fs, path
 
 
@@ -76,6 +104,8 @@ def explain(url: str, exc: BaseException) -> StorageError:
     """A StorageError naming url, with the cause in words a user can act on."""
     name = type(exc).__name__
     text = str(exc)
+    if isinstance(exc, StorageError):
+        return exc
     if isinstance(exc, FileNotFoundError):
         return StorageError(f"{url} does not exist")
     if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
