@@ -24,6 +24,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+from data_tools import tokenize_worker
 from data_tools.cli import run
 from data_tools.shard_writer import SplitWriter, prepare_output
 from data_tools.sources import all_documents, expand
@@ -32,23 +33,6 @@ from md4_dist.data.storage import read_bytes
 
 DOCS_PER_TASK = 64
 VAL_SEED = 20240521
-
-_SP: spm.SentencePieceProcessor | None = None
-
-
-def _init_worker(model_proto: bytes) -> None:
-    global _SP
-    _SP = spm.SentencePieceProcessor(model_proto=model_proto)
-
-
-def _encode(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of a batch of documents, concatenated, and each document's length (EOS included)."""
-    ids = _SP.encode(docs)
-    eos = _SP.eos_id()
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in (*x, eos)), dtype=np.int64, count=int(lengths.sum()))
-    return flat, lengths
-
 
 class Packer:
     """Cuts a stream of tokens into [seq_len] sequences for one split's writer."""
@@ -124,8 +108,8 @@ def main(argv=None) -> int:
     counts = {"docs": 0, "tokens": 0, "bytes": 0}
     start = time.monotonic()
 
-    def consume(splits, sizes, future):
-        flat, lengths = future.result()
+    def consume(splits, future):
+        flat, lengths, sizes = future.result()
         for split, size, end, n in zip(splits, sizes, np.cumsum(lengths), lengths):
             packers[split].add(flat[end - n:end], size)
         counts["docs"] += len(lengths)
@@ -138,13 +122,12 @@ def main(argv=None) -> int:
     # A process pool that raises (BrokenProcessPool) if a worker dies, and a bounded window of
     # tasks in flight, consumed in submission order so the output does not depend on timing.
     ctx = mp.get_context("spawn")  # workers need only sentencepiece: no fork of a large parent
-    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker,
+    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=tokenize_worker.init,
                              initargs=(model_proto,)) as pool, \
             tqdm(unit="doc", desc="shard", file=sys.stderr) as bar:
         inflight = deque()
         for docs, splits in _tasks(urls, args.text_field, args.val_fraction):
-            sizes = [len(d.encode("utf-8")) for d in docs]
-            inflight.append((splits, sizes, pool.submit(_encode, docs)))
+            inflight.append((splits, pool.submit(tokenize_worker.encode, docs)))
             if len(inflight) >= 4 * args.workers:
                 consume(*inflight.popleft())
         while inflight:

@@ -1,7 +1,22 @@
-"""Token datasets: the manifest format, object storage access and the resumable streaming reader."""
+"""Token datasets: the manifest format, object storage access and the resumable streaming reader.
 
-from md4_dist.data.manifest import Manifest, ManifestError, load as load_manifest
-from md4_dist.data.reader import CorruptShardError, DataConfig, TokenStream, make_loader
+Names are imported on first use, so the offline data tools (which need only the manifest and
+storage modules) start without importing torch.
+"""
 
-__all__ = ["Manifest", "ManifestError", "load_manifest", "CorruptShardError", "DataConfig",
-           "TokenStream", "make_loader"]
+import importlib
+
+_NAMES = {
+    "Manifest": "md4_dist.data.manifest", "ManifestError": "md4_dist.data.manifest",
+    "load_manifest": ("md4_dist.data.manifest", "load"),
+    "CorruptShardError": "md4_dist.data.reader", "DataConfig": "md4_dist.data.reader",
+    "TokenStream": "md4_dist.data.reader", "make_loader": "md4_dist.data.reader",
+}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'md4_dist.data' has no attribute {name!r}")
+    module, attr = _NAMES[name] if isinstance(_NAMES[name], tuple) else (_NAMES[name], name)
+    return getattr(importlib.import_module(module), attr)

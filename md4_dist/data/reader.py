@@ -60,30 +60,77 @@ class CorruptShardError(IOError):
 def read_shard(url: str, sequences: int, seq_len: int, dtype: str,
                storage: StorageConfig | None = None) -> np.ndarray:
     """All sequences of one shard, in file order: [sequences, seq_len] of dtype."""
-    out = np.empty((sequences, seq_len), dtype=dtype)
-    n = 0
     try:
         with open_url(url, "rb", storage) as f:
-            for member in wds.tariterators.tar_file_iterator(f):
-                if not member["fname"].endswith("." + TOKENS_EXT):
-                    continue
-                arr = np.load(io.BytesIO(member["data"]), allow_pickle=False)
-                if arr.shape != (seq_len,) or arr.dtype != np.dtype(dtype):
-                    raise CorruptShardError(f"{url}: {member['fname']} holds {arr.dtype}{list(arr.shape)}, "
-                                            f"expected {dtype}[{seq_len}]")
-                if n == sequences:
-                    raise CorruptShardError(f"{url}: more than the manifest's {sequences} sequences")
-                out[n] = arr
-                n += 1
-    except CorruptShardError:
-        raise
+            raw = f.read()
     except StorageError as e:
         raise CorruptShardError(f"cannot read shard: {e}") from None
+    header = npy_header(seq_len, dtype)
+    fast = _regular_members(raw, sequences, header, seq_len, dtype)
+    return fast if fast is not None else _read_members(raw, url, sequences, header, seq_len, dtype)
+
+
+def _regular_members(raw: bytes, n: int, header: bytes, seq_len: int, dtype: str) -> np.ndarray | None:
+    """The shard as our writer lays it out, decoded without a Python loop, or None.
+
+    Every member has the same size, so member i starts at i * stride. Each member's tar header
+    is checked (ustar magic, regular file, size field, a name ending in .tokens.npy) together
+    with its .npy header, and the archive must end right after the n-th member. Anything else
+    (another writer's layout, a damaged or truncated file) goes to the general tar reader.
+    """
+    size = len(header) + np.dtype(dtype).itemsize * seq_len
+    stride = 512 + -(-size // 512) * 512
+    if len(raw) < n * stride + 1024 or any(raw[n * stride:n * stride + 1024]):
+        return None
+    blocks = np.frombuffer(raw, dtype=np.uint8, count=n * stride).reshape(n, stride)
+    name_len = bytes(blocks[0, :100]).find(b"\0")
+    ext = ("." + TOKENS_EXT).encode()
+    checks = [
+        (blocks[:, 257:263] == np.frombuffer(b"ustar\0", np.uint8)).all(),
+        np.isin(blocks[:, 156], (ord("0"), 0)).all(),
+        (blocks[:, 124:135] == np.frombuffer(f"{size:011o}".encode(), np.uint8)).all(),
+        name_len > len(ext) and (blocks[:, name_len] == 0).all(),
+        (blocks[:, name_len - len(ext):name_len] == np.frombuffer(ext, np.uint8)).all(),
+        (blocks[:, 512:512 + len(header)] == np.frombuffer(header, np.uint8)).all(),
+    ]
+    if not all(checks):
+        return None
+    return blocks[:, 512 + len(header):512 + size].copy().view(dtype).reshape(n, seq_len)
+
+
+def _read_members(raw: bytes, url: str, sequences: int, header: bytes, seq_len: int,
+                  dtype: str) -> np.ndarray:
+    """The general path: webdataset's tar iterator, with errors that say what is wrong."""
+    out = np.empty((sequences, seq_len), dtype=dtype)
+    size = len(header) + out.itemsize * seq_len
+    n = 0
+    try:
+        for member in wds.tariterators.tar_file_iterator(io.BytesIO(raw)):
+            if not member["fname"].endswith("." + TOKENS_EXT):
+                continue
+            data = member["data"]
+            if len(data) != size or not data.startswith(header):
+                arr = np.load(io.BytesIO(data), allow_pickle=False)  # to say what it holds
+                raise CorruptShardError(f"{url}: {member['fname']} holds {arr.dtype}{list(arr.shape)}, "
+                                        f"expected {dtype}[{seq_len}]")
+            if n == sequences:
+                raise CorruptShardError(f"{url}: more than the manifest's {sequences} sequences")
+            out[n] = np.frombuffer(data, dtype=dtype, offset=len(header))
+            n += 1
+    except CorruptShardError:
+        raise
     except Exception as e:  # noqa: BLE001 - tarfile / numpy errors on damaged bytes
         raise CorruptShardError(f"{url}: unreadable shard ({type(e).__name__}: {e})") from None
     if n != sequences:
         raise CorruptShardError(f"{url}: truncated: {n} of the manifest's {sequences} sequences")
     return out
+
+
+def npy_header(seq_len: int, dtype: str) -> bytes:
+    """The .npy header of a [seq_len] array of dtype, as np.save writes it."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(seq_len, dtype=dtype), allow_pickle=False)
+    return buf.getvalue()[: -np.dtype(dtype).itemsize * seq_len]
 
 
 class TokenStream(IterableDataset):
@@ -107,6 +154,8 @@ class TokenStream(IterableDataset):
         self.start = 0 if state is None else self._position(state)
         self._counts = np.array([s.sequences for s in self.split.shards], dtype=np.int64)
         self._starts = self.split.shard_starts()
+        self._order_cache: tuple = (None, None)
+        self._within_cache: dict = {}
 
     def _position(self, state: dict) -> int:
         want = {"version": STATE_VERSION, "seed": self.seed, "manifest_sha256": self.manifest.sha256}
@@ -128,17 +177,25 @@ class TokenStream(IterableDataset):
 
     # -- the global order ---------------------------------------------------------------------
     def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard permutation of an epoch and the end offset of each permuted shard."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._counts))
-        return order, np.cumsum(self._counts[order])
+        """Shard permutation of an epoch and the end offset of each permuted shard (cached)."""
+        if self._order_cache[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._counts))
+            self._order_cache = (epoch, (order, np.cumsum(self._counts[order])))
+        return self._order_cache[1]
 
     def _within(self, epoch: int, shard: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, shard]).permutation(int(self._counts[shard]))
+        """The permutation of one shard's sequences in an epoch (the last few cached)."""
+        key = (epoch, shard)
+        if key not in self._within_cache:
+            self._within_cache[key] = np.random.default_rng([self.seed, epoch, shard]).permutation(
+                int(self._counts[shard]))
+            while len(self._within_cache) > 4:
+                del self._within_cache[next(iter(self._within_cache))]
+        return self._within_cache[key]
 
     def locate(self, position: int) -> tuple[int, int]:
         """(shard index, index inside the shard's file) of global stream position `position`."""
-        n = self.split.sequences
-        epoch, i = divmod(position, n)
+        epoch, i = divmod(position, self.split.sequences)
         order, ends = self._shard_order(epoch)
         slot = int(np.searchsorted(ends, i, side="right"))
         shard = int(order[slot])

@@ -1,0 +1,153 @@
+"""Data pipeline throughput on this machine's CPU (a benchmark, not a test).
+
+    .venv/bin/python benchmarks/data_throughput.py [--text-mb 30] [--sequences 20000] [--repeats 3]
+
+1. Sharding: `data_tools.shard --workers 1` end to end (reading JSONL, tokenizing in one worker
+   process, packing, writing tar shards, process start-up included) against raw SentencePiece
+   `encode` of the same documents on one thread, as MB/s of text; the ratio is the sharding
+   efficiency per worker. (SentencePiece's list `encode` uses every core unless told otherwise;
+   that figure is printed too.)
+2. Reader: `TokenStream` + DataLoader (2 workers, micro-batch 16, L = 1024, uint16 shards) over
+   one epoch, tokens/s for one rank in steady state (timed from the first batch), from local disk and from a moto S3 server on 127.0.0.1;
+   also rank 0 of 4, which reads every shard but keeps a quarter (the read amplification).
+Each figure: median over --repeats runs, with min and max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def spread(xs):
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def fmt(s, unit, scale=1.0):
+    return f"{s['median'] / scale:.2f} {unit} (min {s['min'] / scale:.2f}, max {s['max'] / scale:.2f})"
+
+
+def make_text(path, mb, seed=0):
+    """Zipf-distributed pseudo-words in documents of 50..2000 words: JSONL of about `mb` MB."""
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    vocab = ["".join(rng.choice(letters[: rng.randint(6, 26)]) for _ in range(rng.randint(1, 10)))
+             for _ in range(20000)]
+    weights = [1 / (i + 1) for i in range(len(vocab))]
+    docs, size = [], 0
+    with open(path, "w") as f:
+        while size < mb * 1e6:
+            words = rng.choices(vocab, weights, k=rng.randint(50, 2000))
+            doc = " ".join(words) + ".\n"
+            f.write(json.dumps({"text": doc}) + "\n")
+            docs.append(doc)
+            size += len(doc)
+    return docs, size
+
+
+def bench_sharding(args, work):
+    import sentencepiece as spm
+
+    from data_tools import train_tokenizer
+
+    text = os.path.join(work, "corpus.jsonl")
+    docs, size = make_text(text, args.text_mb)
+    prefix = os.path.join(work, "tok")
+    train_tokenizer.main(["--input", text, "--vocab-size", "8000", "--out", prefix, "--sample-bytes", "20000000"])
+    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    raw, raw_all, shard = [], [], []
+    for r in range(args.repeats):
+        for threads, out in ((1, raw), (os.cpu_count(), raw_all)):
+            t = time.perf_counter()
+            for i in range(0, len(docs), 64):
+                sp.encode(docs[i:i + 64], num_threads=threads)
+            out.append(size / 1e6 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "data_tools.shard", "--input", text, "--tokenizer",
+                        prefix + ".model", "--seq-len", "1024", "--out", os.path.join(work, f"shards{r}"),
+                        "--workers", "1"], check=True, capture_output=True)
+        shard.append(size / 1e6 / (time.perf_counter() - t))
+    ratio = [s / r for s, r in zip(shard, raw)]
+    return {"text_mb": size / 1e6, "raw_sentencepiece_mb_s": spread(raw),
+            "raw_sentencepiece_all_cores_mb_s": spread(raw_all), "shard_1_worker_mb_s": spread(shard),
+            "ratio": spread(ratio)}
+
+
+def write_dataset(url, n, L=1024, per_shard=2000):
+    from data_tools.shard_writer import SplitWriter
+    from md4_dist.data.manifest import Manifest, save
+
+    rng = np.random.default_rng(0)
+    with SplitWriter(url, "train", L, "uint16", per_shard) as w:
+        for _ in range(n):
+            w.write(rng.integers(0, 50257, L, dtype=np.uint16))
+    save(Manifest(vocab_size=50257, seq_len=L, dtype="uint16", splits={"train": w.split}), url)
+
+
+def bench_reader(url, repeats, world=1):
+    from md4_dist.data import TokenStream, load_manifest, make_loader
+
+    m = load_manifest(url)
+    rates = []
+    for _ in range(repeats):
+        tokens, t = 0, None
+        for b in make_loader(TokenStream(m, "train", 16, world_size=world, loop=False), 2):
+            if t is None:  # steady state: from the first batch on, not the workers' start-up
+                t = time.perf_counter()
+                continue
+            tokens += b["tokens"].numel()
+        rates.append(tokens / (time.perf_counter() - t))
+    return spread(rates)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--text-mb", type=float, default=30)
+    ap.add_argument("--sequences", type=int, default=20000)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as work:
+        results["sharding"] = bench_sharding(args, work)
+        local = os.path.join(work, "tokens")
+        write_dataset(local, args.sequences)
+        results["reader_local_tokens_s"] = bench_reader(local, args.repeats)
+        results["reader_local_rank0_of_4_tokens_s"] = bench_reader(local, args.repeats, world=4)
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server._server.server_address
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
+                          AWS_ENDPOINT_URL_S3=f"http://{host}:{port}")
+        boto3.client("s3").create_bucket(Bucket="bench")
+        write_dataset("s3://bench/tokens", args.sequences)
+        results["reader_moto_s3_tokens_s"] = bench_reader("s3://bench/tokens", args.repeats)
+        server.stop()
+    s = results["sharding"]
+    print(f"machine: {results['machine']}")
+    print(f"raw SentencePiece encode, 1 thread:  {fmt(s['raw_sentencepiece_mb_s'], 'MB/s')}")
+    print(f"raw SentencePiece encode, all cores: {fmt(s['raw_sentencepiece_all_cores_mb_s'], 'MB/s')}")
+    print(f"data_tools.shard --workers 1:       {fmt(s['shard_1_worker_mb_s'], 'MB/s')}")
+    print(f"sharding / raw:                      {fmt(s['ratio'], '')}")
+    print(f"reader, local disk, 1 rank:          {fmt(results['reader_local_tokens_s'], 'M tokens/s', 1e6)}")
+    print(f"reader, local disk, rank 0 of 4:     {fmt(results['reader_local_rank0_of_4_tokens_s'], 'M tokens/s', 1e6)}")
+    print(f"reader, moto S3 on 127.0.0.1, 1 rank: {fmt(results['reader_moto_s3_tokens_s'], 'M tokens/s', 1e6)}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
