@@ -18,3 +18,18 @@ def run(main) -> int:
     except KeyboardInterrupt:
         print("interrupted: no manifest was written, so the output is not a dataset", file=sys.stderr)
         return 130
+
+
+def add_output_args(ap) -> None:
+    """The options every dataset-writing tool takes."""
+    ap.add_argument("--out", required=True, help="output directory: local path, s3://, gs://")
+    ap.add_argument("--val-fraction", type=float, default=0.0)
+    ap.add_argument("--sequences-per-shard", type=int, default=10000)
+    ap.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+
+
+def check_output_args(ap, args) -> None:
+    if args.seq_len < 1 or args.sequences_per_shard < 1:
+        ap.error("--seq-len and --sequences-per-shard must be >= 1")
+    if not 0 <= args.val_fraction < 1:
+        ap.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")

@@ -25,7 +25,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_tools import tokenize_worker
-from data_tools.cli import run
+from data_tools.cli import add_output_args, check_output_args, run
 from data_tools.shard_writer import SplitWriter, prepare_output
 from data_tools.sources import all_documents, expand
 from md4_dist.data.manifest import Manifest, save, token_dtype
@@ -79,17 +79,13 @@ def main(argv=None) -> int:
     ap.add_argument("--input", nargs="+", required=True, help="files or globs (local or fsspec URLs)")
     ap.add_argument("--tokenizer", required=True, help="a SentencePiece .model (local or fsspec URL)")
     ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--out", required=True, help="output directory: local path, s3://, gs://")
-    ap.add_argument("--val-fraction", type=float, default=0.0)
-    ap.add_argument("--sequences-per-shard", type=int, default=10000)
+    add_output_args(ap)
     ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count() - 1))
     ap.add_argument("--text-field", default="text", help="JSONL field / parquet column with the text")
-    ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    if args.seq_len < 1 or args.workers < 1:
-        ap.error("--seq-len and --workers must be >= 1")
-    if not 0 <= args.val_fraction < 1:
-        ap.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
+    check_output_args(ap, args)
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
 
     model_proto = read_bytes(args.tokenizer)
     try:

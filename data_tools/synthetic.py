@@ -19,7 +19,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from data_tools.cli import run
+from data_tools.cli import add_output_args, check_output_args, run
 from data_tools.shard_writer import SplitWriter, prepare_output
 from md4_dist.data.manifest import Manifest, save, token_dtype
 
@@ -65,20 +65,16 @@ class MarkovChain:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.synthetic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output directory: local path, s3://, gs://")
     ap.add_argument("--vocab-size", type=int, required=True)
     ap.add_argument("--seq-len", type=int, required=True)
     ap.add_argument("--num-sequences", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--val-fraction", type=float, default=0.0)
     ap.add_argument("--successors", type=int, default=4, help="random successors per token")
-    ap.add_argument("--sequences-per-shard", type=int, default=10000)
-    ap.add_argument("--overwrite", action="store_true")
+    add_output_args(ap)
     args = ap.parse_args(argv)
-    if args.seq_len < 1 or args.num_sequences < 1:
-        ap.error("--seq-len and --num-sequences must be >= 1")
-    if not 0 <= args.val_fraction < 1:
-        ap.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
+    check_output_args(ap, args)
+    if args.num_sequences < 1:
+        ap.error("--num-sequences must be >= 1")
 
     chain = MarkovChain(args.vocab_size, args.seed, args.successors)
     n_val = round(args.val_fraction * args.num_sequences)

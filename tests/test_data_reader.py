@@ -106,6 +106,20 @@ def test_resume_equals_uninterrupted(corpus, new_world):
     assert resumed[0][-1]["state"]["epoch"] >= 1
 
 
+def test_finite_reader_ends_at_the_end_of_its_epoch(corpus):
+    """loop=False reads to the end of the epoch it starts in, also when resumed in a later one."""
+    m = load_manifest(corpus)
+    looping = TokenStream(m, "train", 50)
+    batches = [b for _, b in zip(range(6), looping)]  # 300 positions: into epoch 1 (N = 230)
+    state = batches[-1]["state"]
+    assert state["epoch"] == 1 and state["cursor"] == 300 - N
+    rest = list(TokenStream(m, "train", 50, state=state, loop=False))
+    ids = torch.cat([b["ids"] for b in rest]).tolist()
+    assert len(ids) == N - state["cursor"] and len(set(ids)) == len(ids)
+    epoch1 = torch.cat([b["ids"] for _, b in zip(range(10), TokenStream(m, "train", 50))]).tolist()[N:2 * N]
+    assert ids == epoch1[state["cursor"]:]
+
+
 def test_state_mismatch_is_refused(corpus):
     m = load_manifest(corpus)
     state = next(iter(TokenStream(m, "train", 4)))["state"]

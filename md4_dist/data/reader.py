@@ -208,11 +208,12 @@ class TokenStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cache: dict[int, np.ndarray | None] = {}  # the last two shards read (None: corrupt, skipped)
         m, W, n = self.batch_size, self.world_size, self.split.sequences
+        epoch_end = (self.start // n + 1) * n  # loop=False stops at the end of the starting epoch
         b = worker
         while True:
             positions = [self.start + self.rank + (b * m + k) * W for k in range(m)]
             if not self.loop:
-                positions = [p for p in positions if p < n]
+                positions = [p for p in positions if p < epoch_end]
                 if not positions:
                     return
             rows, ids, skipped = [], [], 0
