@@ -83,6 +83,7 @@ class ClusterConfig:
     num_workers: int | tuple[int, int] = 1  # a fixed count, or [min, max] for an elastic run
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    collective_timeout_s: int = 600  # a collective that waits longer fails the job instead of hanging
 
     def __post_init__(self):
         lo, hi = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
@@ -91,6 +92,13 @@ class ClusterConfig:
                              f"got {self.num_workers}")
         if self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        if self.collective_timeout_s < 1:
+            raise ValueError(f"collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
+
+    @property
+    def world_sizes(self) -> range:
+        lo, hi = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(lo, hi + 1)
 
 
 @dataclass

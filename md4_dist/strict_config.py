@@ -139,9 +139,19 @@ def to_dict(obj: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
+def _section(tp: Any) -> Any:
+    """The dataclass inside an optional section (`Section | None`), else tp itself."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(arms) == 1 and dataclasses.is_dataclass(arms[0]):
+            return arms[0]
+    return tp
+
+
 def _field_type(cls: type, path: list[str], full: str) -> Any:
     tp: Any = cls
     for i, part in enumerate(path):
+        tp = _section(tp)
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown config key '{full}': '{'.'.join(path[:i])}' has no sub-keys")
         names = [f.name for f in dataclasses.fields(tp) if f.init]
@@ -200,7 +210,9 @@ def apply_overrides(cls: type, data: dict, assignments: list[str]) -> dict:
         path, value = parse_override(cls, assignment)
         node = out
         for part in path[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # an absent or null (optional) section: start it empty
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"config key '{part}' is not a section")
             node = child

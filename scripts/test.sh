@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# DeepSpeed compiles a small C++ op on first use (about a minute here): cache it in the build tree.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.build/torch_extensions}"
 exec .venv/bin/python -m pytest "$@"

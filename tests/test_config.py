@@ -43,6 +43,10 @@ def test_overrides_parse_to_field_types():
     assert cfg.train.steps == 10 and cfg.deepspeed.precision == "fp32"
     assert cfg.cluster.num_workers == (1, 2) and cfg.train.name == "123"
     assert cfg.optim.betas == (0.9, 0.95) and cfg.train.ema == 0.0 and cfg.cluster.use_gpu is True
+    # an optional section: set by its keys (starting from its defaults), or to null
+    cfg = config_from_dict({}, ["data.synthetic.num_sequences=50"])
+    assert cfg.data.synthetic.num_sequences == 50 and cfg.data.synthetic.seed == 0
+    assert config_from_dict({"data": {"synthetic": {}}}, ["data.synthetic=null"]).data.synthetic is None
     with pytest.raises(ConfigError, match=r"override 'train\.steps': cannot parse 'ten' as int"):
         config_from_dict({}, ["train.steps=ten"])
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.stpes'"):

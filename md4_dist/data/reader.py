@@ -40,11 +40,22 @@ STATE_VERSION = 1
 
 
 @dataclass
+class SyntheticData:
+    """A known-entropy Markov corpus (data_tools.synthetic) made at data.manifest when absent,
+    with the model's vocab_size and data.seq_len."""
+
+    num_sequences: int = 20000
+    seed: int = 0
+    val_fraction: float = 0.05
+
+
+@dataclass
 class DataConfig:
     manifest: str = ""  # dataset directory or manifest.json URL: local path, s3://, gs://
     seq_len: int = 1024  # must equal the manifest's
     loader_workers: int = 2  # DataLoader worker processes per rank
     on_corrupt: Literal["raise", "skip"] = "raise"  # skip: drop a bad shard's sequences, counted
+    synthetic: SyntheticData | None = None  # generate this corpus when the manifest is absent
 
     def __post_init__(self):
         if self.seq_len < 1:

@@ -1,0 +1,83 @@
+"""Train MD4 / GenMD4 with DeepSpeed under Ray Train.
+
+    python -m md4_dist.train configs/tiny.json [--set train.steps=100 --set optim.lr=1e-4 ...]
+    ray job submit -- python -m md4_dist.train configs/owt_large.json
+
+Attaches to a Ray cluster when run inside `ray job submit` or with RAY_ADDRESS set; otherwise
+starts a local Ray instance (the embedded default). Everything that can be checked before a
+worker starts is checked here: the config, the global batch against every allowed world size,
+the dataset's manifest against the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+
+from md4_dist.config import Config, ConfigError, load_config, save_config
+from md4_dist.data.manifest import ManifestError, load as load_manifest
+from md4_dist.data.storage import StorageError
+from md4_dist.trainer.ds_config import accumulation_steps
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute: Ray workers run in directories of their own."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def prepare(cfg: Config) -> Config:
+    """Fail before any worker starts; make the synthetic corpus if the config asks for it.
+    Returns the config the workers get (local paths absolute), also saved to the run directory."""
+    cfg = replace(cfg, data=replace(cfg.data, manifest=absolute(cfg.data.manifest)),
+                  train=replace(cfg.train, run_dir=absolute(cfg.train.run_dir)))
+    if not cfg.data.manifest:
+        raise ConfigError("config key 'data.manifest' is empty: name a dataset (see data_tools)")
+    for world in cfg.cluster.world_sizes:
+        try:
+            accumulation_steps(cfg, world)
+        except ValueError as e:
+            raise ConfigError(f"config key 'train.global_batch': {e}") from None
+    try:
+        manifest = load_manifest(cfg.data.manifest, cfg.storage)
+    except ManifestError:
+        if cfg.data.synthetic is None:
+            raise
+        from data_tools import synthetic
+        s = cfg.data.synthetic
+        print(f"making the synthetic corpus at {cfg.data.manifest}", flush=True)
+        synthetic.main(["--out", cfg.data.manifest, "--vocab-size", str(cfg.model.vocab_size),
+                        "--seq-len", str(cfg.data.seq_len), "--num-sequences", str(s.num_sequences),
+                        "--seed", str(s.seed), "--val-fraction", str(s.val_fraction), "--overwrite"])
+        manifest = load_manifest(cfg.data.manifest, cfg.storage)
+    manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
+    if os.path.exists(os.path.join(cfg.train.run_dir, "metrics.jsonl")):
+        # Resuming comes with checkpointing; until then a second run must not mix into the first.
+        raise ConfigError(f"config key 'train.run_dir': {cfg.train.run_dir} already holds a run "
+                          "(metrics.jsonl); choose another run directory or remove it")
+    os.makedirs(cfg.train.run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.train.run_dir, "config.json"))
+    return cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m md4_dist.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="JSON config (local path or fsspec URL)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        cfg = prepare(cfg)
+    except (ConfigError, ManifestError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from md4_dist.trainer.ray_job import fit  # the one place Ray enters
+
+    fit(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

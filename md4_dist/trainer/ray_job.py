@@ -1,0 +1,41 @@
+"""Where Ray enters: attach to a cluster or start the embedded one, and run the train loop on
+`cluster.num_workers` workers with Ray Train's TorchTrainer."""
+
+from __future__ import annotations
+
+import os
+
+from md4_dist.config import Config
+from md4_dist.strict_config import to_dict
+from md4_dist.trainer.loop import train_loop
+
+# Passed to every worker: DeepSpeed's accelerator and, when set, the compiled-op cache.
+FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
+def fit(cfg: Config):
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # Worker processes import torch and DeepSpeed before joining the group: slow on small machines.
+    # Read by the Ray processes this driver starts (the embedded default); a cluster sets its own.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    if not ray.is_initialized():
+        # Inside `ray job submit`, or with RAY_ADDRESS set, this attaches to that cluster;
+        # otherwise it starts a local Ray instance sized to this machine (the embedded default).
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu"}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
+                                 timeout_s=cfg.cluster.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=RunConfig(name="ray", storage_path=os.path.abspath(cfg.train.run_dir),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    return trainer.fit()
