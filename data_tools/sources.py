@@ -14,7 +14,7 @@ import io
 import json
 from typing import Iterator
 
-from md4_dist.data.storage import StorageError, explain, filesystem, open_url
+from md4_dist.data.storage import explain, filesystem, open_url
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
@@ -27,8 +27,6 @@ def expand(inputs: list[str]) -> list[str]:
             fs, path = filesystem(pattern)
             matches = sorted(fs.glob(path)) if any(c in pattern for c in "*?[") else (
                 [path] if fs.exists(path) else [])
-        except StorageError:
-            raise
         except Exception as e:  # noqa: BLE001 - re-raised with the URL named
             raise explain(pattern, e) from e
         if not matches:
@@ -53,11 +51,7 @@ def documents(url: str, text_field: str = "text") -> Iterator[str]:
     """The documents of one file, in order."""
     if url.endswith(".txt"):
         with open_url(url, "rb") as f:
-            raw = f.read()
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{url} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+            yield f.read().decode("utf-8")  # bad UTF-8: all_documents names the file
     elif ".jsonl" in url:
         compression = "gzip" if url.endswith(".gz") else "zstd" if url.endswith(".zst") else None
         with open_url(url, "rb") as raw:

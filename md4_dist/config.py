@@ -86,7 +86,7 @@ class ClusterConfig:
     collective_timeout_s: int = 600  # a collective that waits longer fails the job instead of hanging
 
     def __post_init__(self):
-        lo, hi = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        lo, hi = self._bounds()
         if not 1 <= lo <= hi:
             raise ValueError(f"num_workers must be >= 1 (or [min, max] with 1 <= min <= max), "
                              f"got {self.num_workers}")
@@ -95,9 +95,14 @@ class ClusterConfig:
         if self.collective_timeout_s < 1:
             raise ValueError(f"collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
 
+    def _bounds(self) -> tuple[int, int]:
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else n
+
     @property
     def world_sizes(self) -> range:
-        lo, hi = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        """Every world size the job may run at."""
+        lo, hi = self._bounds()
         return range(lo, hi + 1)
 
 

@@ -30,10 +30,10 @@ def absolute(url: str) -> str:
 def prepare(cfg: Config) -> Config:
     """Fail before any worker starts; make the synthetic corpus if the config asks for it.
     Returns the config the workers get (local paths absolute), also saved to the run directory."""
-    cfg = replace(cfg, data=replace(cfg.data, manifest=absolute(cfg.data.manifest)),
-                  train=replace(cfg.train, run_dir=absolute(cfg.train.run_dir)))
     if not cfg.data.manifest:
         raise ConfigError("config key 'data.manifest' is empty: name a dataset (see data_tools)")
+    cfg = replace(cfg, data=replace(cfg.data, manifest=absolute(cfg.data.manifest)),
+                  train=replace(cfg.train, run_dir=absolute(cfg.train.run_dir)))
     for world in cfg.cluster.world_sizes:
         try:
             accumulation_steps(cfg, world)

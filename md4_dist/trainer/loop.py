@@ -43,7 +43,7 @@ def train_loop(loop_config: dict) -> None:
     engine, _, _, lr_schedule = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world))
     accumulation = engine.gradient_accumulation_steps()
-    learnable = [p for p in model.schedule.parameters()]  # GenMD4's exponents, phi
+    learnable = list(model.schedule.parameters())  # GenMD4's exponents, phi
     if cfg.deepspeed.zero_stage == 3 and learnable:
         # The loss reads phi outside the schedule's own forward: ZeRO-3 must gather it for the
         # whole forward and backward of the top-level module.
