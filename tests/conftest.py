@@ -1,5 +1,9 @@
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import uuid
 
 import pytest
@@ -41,3 +45,36 @@ def s3_bucket(s3_endpoint, monkeypatch):
     name = f"md4-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def ray_cluster():
+    """`ray start --head` on 127.0.0.1 (a real local cluster), stopped afterwards."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's AF_UNIX sockets live here
+    # Ray 2.60 guards the job API with a token; the cluster and the client share a fresh one.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    gcs, dashboard = free_port(), free_port()
+    env = dict(os.environ, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", **auth)
+    start = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+             "--disable-usage-stats", f"--temp-dir={temp}"]
+    r = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield f"http://127.0.0.1:{dashboard}", auth
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The tiny config's corpus shape (V = 64, L = 64), made directly."""
+    from data_tools import synthetic
+
+    out = str(tmp_path_factory.mktemp("data") / "markov")
+    assert synthetic.main(["--out", out, "--vocab-size", "64", "--seq-len", "64",
+                           "--num-sequences", "2000"]) == 0
+    return out

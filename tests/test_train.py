@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -21,17 +20,6 @@ def train(*sets, timeout=900):
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".build", "torch_extensions"))
     env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """The tiny config's corpus shape (V = 64, L = 64), made directly."""
-    from data_tools import synthetic
-
-    out = str(tmp_path_factory.mktemp("data") / "markov")
-    assert synthetic.main(["--out", out, "--vocab-size", "64", "--seq-len", "64",
-                           "--num-sequences", "2000"]) == 0
-    return out
 
 
 def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
@@ -79,33 +67,6 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path, tiny_data, sets, me
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "ray" not in r.stderr.lower().split("error:")[0]  # nothing was launched
     assert time.monotonic() - t < 60
-
-
-@pytest.fixture
-def ray_cluster():
-    """`ray start --head` on 127.0.0.1 (a real local cluster), stopped afterwards."""
-    import shutil
-    import tempfile
-
-    from conftest import free_port
-
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's AF_UNIX sockets live here
-    # Ray 2.60 guards the job API with a token; the cluster and the client share a fresh one.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
-
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    gcs, dashboard = free_port(), free_port()
-    env = dict(os.environ, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", **auth)
-    start = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-             "--disable-usage-stats", f"--temp-dir={temp}"]
-    r = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
-        yield f"http://127.0.0.1:{dashboard}", auth
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit(ray_cluster, tmp_path, tiny_data):
