@@ -17,7 +17,7 @@ from typing import Literal
 import fsspec
 
 from md4_dist.data.reader import DataConfig
-from md4_dist.data.storage import StorageConfig
+from md4_dist.data.storage import StorageConfig, write_bytes
 from md4_dist.diffusion.objectives import DiffusionConfig
 from md4_dist.model import ModelConfig
 from md4_dist.strict_config import ConfigError, apply_overrides, from_dict, to_dict
@@ -111,6 +111,13 @@ class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 3
     precision: Literal["bf16", "fp32"] = "bf16"
     offload_optimizer: bool = False
+    # ZeRO-3 keeps parameters with fewer elements than this whole on every rank (fewer, larger
+    # gathers); 0 partitions every parameter. DeepSpeed's stage3_param_persistence_threshold.
+    persistence_threshold: int = 100_000
+
+    def __post_init__(self):
+        if self.persistence_threshold < 0:
+            raise ValueError(f"persistence_threshold must be >= 0, got {self.persistence_threshold}")
 
 
 @dataclass
@@ -124,12 +131,15 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
+    """Validation NELBO every `every` steps and at the end, on the same sequences with the same
+    noise each time (with the EMA weights when train.ema > 0)."""
+
     every: int = 0  # steps between evaluations; 0 disables
-    batches: int = 8
+    sequences: int = 0  # the first this many of the val split's (seeded) order; 0: all of it
 
     def __post_init__(self):
-        if self.every < 0 or self.batches < 1:
-            raise ValueError("every must be >= 0 and batches >= 1")
+        if self.every < 0 or self.sequences < 0:
+            raise ValueError(f"every and sequences must be >= 0, got {self.every} and {self.sequences}")
 
 
 @dataclass
@@ -169,6 +179,5 @@ def load_config(url: str, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, url: str) -> None:
-    with fsspec.open(url, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-        f.write("\n")
+    """Write cfg as JSON to url (local or object storage, reached with cfg.storage)."""
+    write_bytes(url, (json.dumps(to_dict(cfg), indent=2) + "\n").encode(), cfg.storage)

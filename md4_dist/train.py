@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from md4_dist.config import Config, ConfigError, load_config, save_config
 from md4_dist.data.manifest import ManifestError, load as load_manifest
-from md4_dist.data.storage import StorageError
+from md4_dist.data.storage import StorageError, join, list_dir
 from md4_dist.trainer.ds_config import accumulation_steps
 
 
@@ -52,12 +52,14 @@ def prepare(cfg: Config) -> Config:
                         "--seed", str(s.seed), "--val-fraction", str(s.val_fraction), "--overwrite"])
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
-    if os.path.exists(os.path.join(cfg.train.run_dir, "metrics.jsonl")):
+    if cfg.eval.every and not getattr(manifest.splits.get("val"), "sequences", 0):
+        raise ConfigError(f"config key 'eval.every' = {cfg.eval.every} needs a 'val' split, and "
+                          f"{manifest.url} has none: set eval.every=0 or re-shard with a val fraction")
+    if "metrics.jsonl" in list_dir(cfg.train.run_dir, cfg.storage):
         # Resuming comes with checkpointing; until then a second run must not mix into the first.
         raise ConfigError(f"config key 'train.run_dir': {cfg.train.run_dir} already holds a run "
                           "(metrics.jsonl); choose another run directory or remove it")
-    os.makedirs(cfg.train.run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.train.run_dir, "config.json"))
+    save_config(cfg, join(cfg.train.run_dir, "config.json"))
     return cfg
 
 

@@ -76,5 +76,5 @@ def tiny_data(tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("data") / "markov")
     assert synthetic.main(["--out", out, "--vocab-size", "64", "--seq-len", "64",
-                           "--num-sequences", "2000"]) == 0
+                           "--num-sequences", "2000", "--val-fraction", "0.05"]) == 0
     return out

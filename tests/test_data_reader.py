@@ -57,6 +57,9 @@ def test_exactly_once_per_epoch_and_same_order_for_any_world_size(corpus, world)
     reference = global_order(read_all(corpus, 1, workers=0), 1)
     assert order == reference, "the global order does not depend on world size or workers"
     assert order != sorted(order), "the order is shuffled"
+    for r, batches in per_rank.items():  # rank r holds positions r, r + W, r + 2W, ...
+        got = torch.cat([b["positions"] for b in batches]).tolist()
+        assert got == list(range(r, N, world))
 
 
 def test_tokens_match_the_ids(corpus):

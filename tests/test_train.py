@@ -22,36 +22,102 @@ def train(*sets, timeout=900):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
+    """The tiny config as the README runs it, on a corpus it makes on first use. Its validation
+    NELBO, an upper bound on the corpus entropy, must respect the bound and be far below the
+    log2(V) of a uniform guess."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, data = tmp_path / "run", tmp_path / "markov"  # no dataset yet: made on first use
-    r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=20",
-              "logging.every=5", "data.synthetic.num_sequences=2000")
+    r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "logging.every=50",
+              "eval.every=150")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "step 20/20" in r.stdout + r.stderr
-    assert (data / "manifest.json").exists()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [rec["step"] for rec in records] == [5, 10, 15, 20]
+    assert "step 300/300" in r.stdout + r.stderr
+    got = records((run_dir / "metrics.jsonl").read_text())
+    assert [rec["step"] for rec in got] == [50, 100, 150, 200, 250, 300]
     keys = {"loss", "nelbo_bits_per_token", "lr", "grad_norm", "tokens_per_s", "samples_seen",
             "exponent_min", "exponent_mean", "exponent_max"}
-    assert keys <= set(records[0])
-    assert records[-1]["samples_seen"] == 20 * 32
-    assert records[-1]["nelbo_bits_per_token"] < records[0]["nelbo_bits_per_token"] < 6.2  # log2(64) = 6
+    assert all(keys <= set(rec) for rec in got)
+    assert [rec["step"] for rec in got if "val_nelbo_bits_per_token" in rec] == [150, 300]
+    assert got[-1]["samples_seen"] == 300 * 32
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["train"]["steps"] == 20 and os.path.isabs(saved["data"]["manifest"])
+    assert saved["eval"]["every"] == 150 and os.path.isabs(saved["data"]["manifest"])
+
+    entropy = json.loads((data / "manifest.json").read_text())["entropy_bits_per_token"]
+    last = got[-1]
+    assert last["val_sequences"] == 1000  # the whole val split: 5 % of 20000
+    assert 0 < last["val_nelbo_se"] < 0.1
+    assert last["val_nelbo_bits_per_token"] >= entropy - 3 * last["val_nelbo_se"]
+    assert last["val_nelbo_bits_per_token"] < 6 - 1.0, "far below log2(64) = 6"
+    assert last["nelbo_bits_per_token"] < got[0]["nelbo_bits_per_token"]
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     for key in ("loss", "nelbo_bits_per_token", "lr", "tokens_per_s", "exponent_mean"):
         events = acc.Scalars(key)
-        assert [e.step for e in events] == [5, 10, 15, 20]
-        assert [e.value for e in events] == pytest.approx([rec[key] for rec in records], rel=1e-6)
+        assert [e.step for e in events] == [rec["step"] for rec in got]
+        assert [e.value for e in events] == pytest.approx([rec[key] for rec in got], rel=1e-6)
+    assert [e.step for e in acc.Scalars("val_nelbo_bits_per_token")] == [150, 300]
     assert acc.Tags()["histograms"] == ["exponents"]
 
     again = train(f"train.run_dir={run_dir}", f"data.manifest={data}")
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4, "nothing lost"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 6, "nothing lost"
+
+
+def test_one_worker_follows_two_workers(tmp_path, tiny_data):
+    """The same global batch and seed on 1 worker (2 accumulated micro-batches) and on 2 ZeRO-3
+    workers (every parameter partitioned): the same loss curve, step by step."""
+    common = [f"data.manifest={tiny_data}", "train.steps=12", "logging.every=1", "eval.every=6",
+              "deepspeed.persistence_threshold=0", "optim.warmup_steps=2"]
+    curves = {}
+    for workers in (2, 1):
+        run_dir = tmp_path / f"w{workers}"
+        r = train(f"train.run_dir={run_dir}", f"cluster.num_workers={workers}", *common)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        curves[workers] = records((run_dir / "metrics.jsonl").read_text())
+    one, two = curves[1], curves[2]
+    assert [rec["step"] for rec in one] == [rec["step"] for rec in two] == list(range(1, 13))
+    for key in ("loss", "nelbo_bits_per_token", "grad_norm", "exponent_mean"):
+        a, b = [rec[key] for rec in one], [rec[key] for rec in two]
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+    for step in (6, 12):
+        assert one[step - 1]["val_nelbo_bits_per_token"] == pytest.approx(
+            two[step - 1]["val_nelbo_bits_per_token"], rel=1e-4)
+    # the curve moved: equal curves are not two copies of the initial loss
+    assert one[-1]["nelbo_bits_per_token"] < one[0]["nelbo_bits_per_token"] - 0.05
+
+
+def test_run_directory_and_data_on_s3(tmp_path, s3_bucket):
+    """Data and run directory on S3 (a moto server on 127.0.0.1): config.json, metrics.jsonl and
+    TensorBoard's event files end up in the bucket."""
+    import fsspec
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from data_tools import synthetic
+
+    data, run_dir = f"{s3_bucket}/markov", f"{s3_bucket}/runs/tiny"
+    assert synthetic.main(["--out", data, "--vocab-size", "64", "--seq-len", "64",
+                           "--num-sequences", "1000", "--val-fraction", "0.05"]) == 0
+    r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10",
+              "logging.every=5", "eval.every=10")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL_S3"]})
+    root = run_dir.removeprefix("s3://")
+    assert json.loads(fs.cat(f"{root}/config.json"))["train"]["run_dir"] == run_dir
+    got = records(fs.cat(f"{root}/metrics.jsonl").decode())
+    assert [rec["step"] for rec in got] == [5, 10] and "val_nelbo_bits_per_token" in got[-1]
+    fs.get(f"{root}/tensorboard", str(tmp_path / "tb"), recursive=True)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [5, 10]
+
+    again = train(f"train.run_dir={run_dir}", f"data.manifest={data}")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -67,6 +133,17 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path, tiny_data, sets, me
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "ray" not in r.stderr.lower().split("error:")[0]  # nothing was launched
     assert time.monotonic() - t < 60
+
+
+def test_evaluation_without_a_val_split_fails_before_any_worker_starts(tmp_path):
+    from data_tools import synthetic
+
+    data = str(tmp_path / "no-val")
+    assert synthetic.main(["--out", data, "--vocab-size", "64", "--seq-len", "64",
+                           "--num-sequences", "200", "--val-fraction", "0"]) == 0
+    r = train(f"train.run_dir={tmp_path / 'run'}", f"data.manifest={data}", "eval.every=10")
+    assert r.returncode == 2 and "'eval.every' = 10 needs a 'val' split" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_ray_job_submit(ray_cluster, tmp_path, tiny_data):

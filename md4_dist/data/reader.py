@@ -5,6 +5,7 @@
     for batch in make_loader(stream, num_workers=2):
         batch["tokens"]   # [b, L] int64
         batch["ids"]      # [b] int64: global sample ids (index in the manifest's order)
+        batch["positions"]  # [b] int64: their positions in the stream (the trainer's noise key)
         batch["state"]    # the reader state after this batch: resume with TokenStream(..., state=...)
 
 The global order of an epoch: shards permuted by (seed, epoch), each shard's sequences permuted by
@@ -227,7 +228,7 @@ class TokenStream(IterableDataset):
                 positions = [p for p in positions if p < epoch_end]
                 if not positions:
                     return
-            rows, ids, skipped = [], [], 0
+            rows, ids, kept, skipped = [], [], [], 0
             for p in positions:
                 shard, q = self.locate(p)
                 if shard not in cache:
@@ -239,9 +240,11 @@ class TokenStream(IterableDataset):
                     continue
                 rows.append(cache[shard][q])
                 ids.append(int(self._starts[shard]) + q)
+                kept.append(p)
             tokens = np.stack(rows).astype(np.int64) if rows else np.empty((0, self.manifest.seq_len), np.int64)
             yield {"tokens": torch.from_numpy(tokens), "ids": torch.tensor(ids, dtype=torch.int64),
-                   "skipped": skipped, "state": self.state_at(self.start + (b + 1) * m * W)}
+                   "positions": torch.tensor(kept, dtype=torch.int64), "skipped": skipped,
+                   "state": self.state_at(self.start + (b + 1) * m * W)}
             b += workers
 
     def _load(self, shard: int) -> np.ndarray | None:

@@ -2,7 +2,7 @@
 
     cfg = DiffusionConfig(kind="genmd4", schedule="learnable_poly")
     schedule = build_schedule(cfg, vocab_size=V)
-    out = objective(cfg, denoiser, schedule, x, generator=g)
+    out = objective(cfg, denoiser, schedule, x, generator=g)  # or noise=Noise(t, u), drawn up front
     out.loss.backward()           # the training surrogate (scalar)
     out.nelbo                     # [B] nats per sequence, detached
 """
@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import torch
 
 from md4_dist.diffusion import checks, losses
-from md4_dist.diffusion.forward import discretize_time, forward_sample, sample_times
+from md4_dist.diffusion.forward import Noise, discretize_time, draw_noise, forward_sample
 from md4_dist.diffusion.schedules import LearnablePolySchedule, MaskingSchedule, MD4Schedule, build
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [B, L], t [B]) -> [B, L, V]
@@ -70,17 +70,25 @@ def _check_batch(x: torch.Tensor, schedule: MaskingSchedule) -> None:
     checks.tokens("x", x, None, schedule.vocab_size - 1)
 
 
+def _noise(noise: Noise | None, masks: int, x: torch.Tensor, generator, antithetic: bool) -> Noise:
+    B, L = x.shape
+    if noise is None:
+        return draw_noise(B, L, masks, generator, x.device, antithetic)
+    noise.check(masks, B, L)
+    return noise
+
+
 def md4_objective(denoiser: Denoiser, schedule: MD4Schedule, x: torch.Tensor, *,
-                  generator: torch.Generator | None = None, timesteps: int = 0,
-                  antithetic: bool = True) -> ObjectiveOutput:
-    """MD4: one z_t per sequence; the surrogate is the NELBO itself. x [B, L]."""
+                  generator: torch.Generator | None = None, noise: Noise | None = None,
+                  timesteps: int = 0, antithetic: bool = True) -> ObjectiveOutput:
+    """MD4: one z_t per sequence; the surrogate is the NELBO itself. x [B, L]. The randomness is
+    `noise` (one mask) when given, else drawn from `generator`."""
     _check_batch(x, schedule)
     B, L = x.shape
     V = schedule.vocab_size
-    t = sample_times(B, generator, x.device, antithetic)
-    if timesteps:
-        t = discretize_time(t, timesteps)
-    zt = forward_sample(x, t, schedule, generator)
+    noise = _noise(noise, 1, x, generator, antithetic)
+    t = discretize_time(noise.t, timesteps) if timesteps else noise.t
+    zt = forward_sample(x, t, schedule, u=noise.u[0])
     logits = denoiser(zt, t)  # [B, L, V]
     diffusion = losses.md4_diffusion_loss(logits, x, zt, t, schedule, timesteps or None)  # [B]
     recon = losses.md4_recon_loss(schedule, L, V)
@@ -92,15 +100,17 @@ def md4_objective(denoiser: Denoiser, schedule: MD4Schedule, x: torch.Tensor, *,
 
 
 def genmd4_objective(denoiser: Denoiser, schedule: LearnablePolySchedule, x: torch.Tensor, *,
-                     generator: torch.Generator | None = None, t1: float = 1e-3,
-                     antithetic: bool = True) -> ObjectiveOutput:
+                     generator: torch.Generator | None = None, noise: Noise | None = None,
+                     t1: float = 1e-3, antithetic: bool = True) -> ObjectiveOutput:
     """GenMD4: two masks per (x, t), run through the denoiser as one batch of 2B, and the RLOO
-    surrogate that carries the exponents' gradient through the discrete masking. x [B, L]."""
+    surrogate that carries the exponents' gradient through the discrete masking. x [B, L]. The
+    randomness is `noise` (two masks) when given, else drawn from `generator`."""
     _check_batch(x, schedule)
     B, L = x.shape
-    t = t1 + (1.0 - t1) * sample_times(B, generator, x.device, antithetic)  # [B] in (t1, 1]
+    noise = _noise(noise, 2, x, generator, antithetic)
+    t = t1 + (1.0 - t1) * noise.t  # [B] in (t1, 1]
     x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-    zt2 = forward_sample(x2, t2, schedule, generator)  # two independent masks: [2B, L]
+    zt2 = forward_sample(x2, t2, schedule, u=noise.u.reshape(2 * B, L))  # two masks: [2B, L]
     per_sample = losses.genmd4_diffusion_loss(denoiser(zt2, t2), x2, zt2, t2, schedule)  # [2B]
     loss1, loss2 = per_sample[:B], per_sample[B:]
     zt1, zt2 = zt2[:B], zt2[B:]
@@ -117,11 +127,16 @@ def genmd4_objective(denoiser: Denoiser, schedule: LearnablePolySchedule, x: tor
                "exponent_min": w.min(), "exponent_mean": w.mean(), "exponent_max": w.max()})
 
 
+def masks_per_sequence(cfg: DiffusionConfig) -> int:
+    """How many masks the objective draws per sequence: the M of its Noise."""
+    return 2 if cfg.kind == "genmd4" else 1
+
+
 def objective(cfg: DiffusionConfig, denoiser: Denoiser, schedule: MaskingSchedule, x: torch.Tensor,
-              generator: torch.Generator | None = None) -> ObjectiveOutput:
+              generator: torch.Generator | None = None, noise: Noise | None = None) -> ObjectiveOutput:
     """The objective that `cfg.kind` names."""
     if cfg.kind == "genmd4":
-        return genmd4_objective(denoiser, schedule, x, generator=generator, t1=cfg.t1,
+        return genmd4_objective(denoiser, schedule, x, generator=generator, noise=noise, t1=cfg.t1,
                                 antithetic=cfg.antithetic)
-    return md4_objective(denoiser, schedule, x, generator=generator, timesteps=cfg.timesteps,
-                         antithetic=cfg.antithetic)
+    return md4_objective(denoiser, schedule, x, generator=generator, noise=noise,
+                         timesteps=cfg.timesteps, antithetic=cfg.antithetic)

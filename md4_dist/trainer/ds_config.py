@@ -17,6 +17,8 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     o = cfg.optim
     zero = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
     return {

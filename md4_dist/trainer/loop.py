@@ -1,30 +1,40 @@
 """The per-worker train loop, run by Ray Train on every worker. DeepSpeed enters here, once.
 
 Each step: `accumulation` micro-batches of `train.micro_batch` sequences per worker, so every
-optimizer step sees `train.global_batch` sequences whatever the world size. Time and masks come
-from a generator seeded by (seed, rank): each rank draws its own.
+optimizer step sees `train.global_batch` sequences whatever the world size. A sequence's diffusion
+time and masks are keyed by its stream position (trainer/noise.py), not by the rank that reads
+it, so a run follows the same trajectory on 1 worker or on many, up to float rounding.
 """
 
 from __future__ import annotations
 
-import os
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from md4_dist.config import config_from_dict
+from md4_dist.config import Config, config_from_dict
 from md4_dist.data import TokenStream, load_manifest, make_loader
+from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
+from md4_dist.diffusion.objectives import masks_per_sequence
 from md4_dist.trainer.ds_config import deepspeed_config
+from md4_dist.trainer.ema import PartitionedEMA
+from md4_dist.trainer.evaluate import Evaluator
 from md4_dist.trainer.metrics import MetricsWriter
-from md4_dist.trainer.module import DiffusionModel
+from md4_dist.trainer.module import DiffusionModel, model_inputs
+from md4_dist.trainer.noise import TRAIN, NoiseByPosition
 
 
 def _eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}"
+
+
+def _due(step: int, every: int, cfg: Config) -> bool:
+    return every > 0 and (step % every == 0 or step == cfg.train.steps)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -49,57 +59,75 @@ def train_loop(loop_config: dict) -> None:
         # whole forward and backward of the top-level module.
         for p in learnable:
             deepspeed.zero.register_external_parameter(engine.module, p)
+    ema = PartitionedEMA(engine.module, cfg.train.ema) if cfg.train.ema else None
 
     manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     stream = TokenStream(manifest, "train", cfg.train.micro_batch, rank=rank, world_size=world,
                          seed=cfg.train.seed, on_corrupt=cfg.data.on_corrupt, storage=cfg.storage)
     batches = iter(make_loader(stream, cfg.data.loader_workers))
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + rank)
+    noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
+                            masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, device)
+    evaluate = Evaluator(cfg, manifest, rank, world, device) if cfg.eval.every else None
 
-    writer = MetricsWriter(cfg.train.run_dir) if rank == 0 else None
-    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # surrogate loss, bits per token
+    writer = MetricsWriter(cfg.train.run_dir, cfg.storage) if rank == 0 else None
+    # surrogate loss x rows, bits per token x rows, rows: every row counts once at any world size
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     start = last = time.perf_counter()
-    last_step = 0
     with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
         for step in range(1, cfg.train.steps + 1):
             for _ in range(accumulation):
-                batch = next(batches)
-                out = engine(batch["tokens"].to(device, non_blocking=True), generator)
-                engine.backward(out["loss"])
+                inputs, rows = model_inputs(next(batches), noise, device)
+                out = engine(*inputs)
+                # a short micro-batch (rows of a skipped corrupt shard) weighs what it holds
+                engine.backward(out["loss"] * (rows / cfg.train.micro_batch))
                 engine.step()
-                sums += torch.stack([out["loss"].detach().double(), out["bits_per_token"].double()])
-            if step % cfg.logging.every and step != cfg.train.steps:
-                continue
-            dist.all_reduce(sums)  # every rank, at the same steps
-            n = (step - last_step) * accumulation * world
-            now = time.perf_counter()
-            record = {
-                "step": step,
-                "loss": sums[0].item() / n,
-                "nelbo_bits_per_token": sums[1].item() / n,
-                "lr": lr_schedule.get_last_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "tokens_per_s": (step - last_step) * tokens_per_step / (now - last),
-                "samples_seen": step * cfg.train.global_batch,
-            }
+                sums += torch.stack([out["loss"].detach().double(), out["bits_per_token"].double(),
+                                     torch.ones((), dtype=torch.float64, device=device)]) * rows
+            if ema is not None:
+                ema.update()
+
+            record = {"step": step}
+            if _due(step, cfg.logging.every, cfg):
+                dist.all_reduce(sums)  # every rank, at the same steps
+                now = time.perf_counter()
+                record.update({
+                    "loss": (sums[0] / sums[2]).item(),
+                    "nelbo_bits_per_token": (sums[1] / sums[2]).item(),
+                    "lr": lr_schedule.get_last_lr()[0],
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "tokens_per_s": sums[2].item() * cfg.data.seq_len / (now - last),
+                    "samples_seen": step * cfg.train.global_batch,
+                })
+                sums.zero_()
+                last = now
             histograms = {}
-            if learnable:
+            if learnable and len(record) > 1:
                 with deepspeed.zero.GatheredParameters(learnable):  # a no-op below ZeRO-3
                     w = model.schedule.exponents().detach().float().cpu()
                 record.update(exponent_min=w.min().item(), exponent_mean=w.mean().item(),
                               exponent_max=w.max().item())
                 histograms["exponents"] = w
-            if writer is not None:
+            if evaluate is not None and _due(step, cfg.eval.every, cfg):
+                began = time.perf_counter()
+                with ema.swapped() if ema is not None else nullcontext():
+                    record.update(evaluate(engine))
+                last += time.perf_counter() - began  # tokens/s counts training time only
+            if writer is not None and len(record) > 1:
                 writer.write(record, histograms)
-                eta = (now - start) / step * (cfg.train.steps - step)
-                print(f"step {step}/{cfg.train.steps}  loss {record['loss']:.4f}  "
-                      f"bits/token {record['nelbo_bits_per_token']:.4f}  "
-                      f"tokens/s {record['tokens_per_s']:,.0f}  eta {_eta(eta)}", flush=True)
-            sums.zero_()
-            last, last_step = now, step
+                print(_progress(record, cfg, time.perf_counter() - start), flush=True)
     if writer is not None:
         writer.close()
-        print(f"done: {cfg.train.steps} steps; metrics {os.path.join(cfg.train.run_dir, 'metrics.jsonl')}, "
-              f"TensorBoard logs {os.path.join(cfg.train.run_dir, 'tensorboard')}", flush=True)
+        print(f"done: {cfg.train.steps} steps; metrics {join(cfg.train.run_dir, 'metrics.jsonl')}, "
+              f"TensorBoard logs {join(cfg.train.run_dir, 'tensorboard')}", flush=True)
+
+
+def _progress(record: dict, cfg: Config, elapsed: float) -> str:
+    step = record["step"]
+    line = f"step {step}/{cfg.train.steps}"
+    if "loss" in record:
+        line += (f"  loss {record['loss']:.4f}  bits/token {record['nelbo_bits_per_token']:.4f}  "
+                 f"tokens/s {record['tokens_per_s']:,.0f}")
+    if "val_nelbo_bits_per_token" in record:
+        line += f"  val bits/token {record['val_nelbo_bits_per_token']:.4f} ± {record['val_nelbo_se']:.4f}"
+    return line + f"  eta {_eta(elapsed / step * (cfg.train.steps - step))}"

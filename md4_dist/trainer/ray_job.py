@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from md4_dist.config import Config
+from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
 from md4_dist.trainer.loop import train_loop
 
@@ -15,6 +16,7 @@ FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "AWS_ENDPOINT_URL",
 
 
 def fit(cfg: Config):
+    import pyarrow.fs
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -26,6 +28,13 @@ def fit(cfg: Config):
         # Inside `ray job submit`, or with RAY_ADDRESS set, this attaches to that cluster;
         # otherwise it starts a local Ray instance sized to this machine (the embedded default).
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    # Ray Train keeps its own state under the run directory; on object storage it goes through
+    # the same fsspec filesystem (endpoint, credentials, timeouts) as everything else.
+    if protocol(cfg.train.run_dir) == "file":
+        storage_path, storage_fs = cfg.train.run_dir, None
+    else:
+        fs, storage_path = filesystem(cfg.train.run_dir, cfg.storage)
+        storage_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu"}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     trainer = TorchTrainer(
@@ -35,7 +44,7 @@ def fit(cfg: Config):
                                  timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        run_config=RunConfig(name="ray", storage_path=os.path.abspath(cfg.train.run_dir),
+        run_config=RunConfig(name="ray", storage_path=storage_path, storage_filesystem=storage_fs,
                              worker_runtime_env={"env_vars": env}),
     )
     return trainer.fit()

@@ -1,0 +1,59 @@
+"""Validation NELBO in bits per token, with its standard error, as every rank's share of one
+fixed set of sequences.
+
+The first `eval.sequences` sequences of the val split's seeded order (all of them when 0), the
+same noise at every evaluation (keyed by stream position, so the same at any world size), and
+times drawn i.i.d. rather than antithetically, so that the per-sequence NELBOs are independent
+and the standard error sd / sqrt(n) is valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from md4_dist.config import Config
+from md4_dist.data import TokenStream, make_loader
+from md4_dist.data.manifest import Manifest
+from md4_dist.diffusion.objectives import masks_per_sequence
+from md4_dist.trainer.module import model_inputs
+from md4_dist.trainer.noise import EVAL, NoiseByPosition
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, manifest: Manifest, rank: int, world: int, device: torch.device):
+        self.cfg, self.manifest, self.rank, self.world, self.device = cfg, manifest, rank, world, device
+        available = manifest.split("val").sequences
+        self.sequences = min(cfg.eval.sequences or available, available)
+        # every rank runs the same number of forwards: ZeRO-3 gathers parameters in each of them
+        self.forwards = math.ceil(self.sequences / (cfg.train.micro_batch * world))
+        self.noise = NoiseByPosition(cfg.train.seed, EVAL, cfg.train.global_batch, cfg.data.seq_len,
+                                     masks_per_sequence(cfg.diffusion), antithetic=False, device=device)
+
+    @torch.no_grad()
+    def __call__(self, engine) -> dict:
+        cfg = self.cfg
+        stream = TokenStream(self.manifest, "val", cfg.train.micro_batch, rank=self.rank,
+                             world_size=self.world, seed=cfg.train.seed, loop=False,
+                             on_corrupt=cfg.data.on_corrupt, storage=cfg.storage)
+        batches = iter(make_loader(stream, num_workers=0))
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum, sum of squares, count
+        empty = {"tokens": torch.empty((0, cfg.data.seq_len), dtype=torch.int64),
+                 "positions": torch.empty(0, dtype=torch.int64)}
+        for _ in range(self.forwards):
+            batch = next(batches, empty)  # a rank may run out one forward before the others
+            keep = batch["positions"] < self.sequences
+            batch = {"tokens": batch["tokens"][keep], "positions": batch["positions"][keep]}
+            inputs, rows = model_inputs(batch, self.noise, self.device)
+            bits = engine(*inputs)["nelbo"][:rows].double() / (cfg.data.seq_len * math.log(2))  # [rows]
+            sums[0] += bits.sum()
+            sums[1] += (bits ** 2).sum()
+            sums[2] += rows
+        dist.all_reduce(sums)
+        total, squares, n = sums.tolist()
+        mean = total / n
+        var = max(squares / n - mean ** 2, 0.0) * n / max(n - 1, 1)
+        return {"val_nelbo_bits_per_token": mean, "val_nelbo_se": math.sqrt(var / n),
+                "val_sequences": int(n)}
