@@ -79,3 +79,25 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_text('{"model": {"dimm": 3}}')
     with pytest.raises(ConfigError, match=r"bad.json: unknown config key 'model\.dimm'"):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize("name,params,workers", [("tiny", 152672, [2]), ("owt_small", 165.9e6, [8]),
+                                                 ("owt_large", 1.33e9, [15, 16])])
+def test_shipped_configs_load_and_fit_every_allowed_world_size(name, params, workers):
+    """Each config in configs/ loads strictly, has the model size its README line claims, and its
+    global batch divides into micro-batches for every world size it allows."""
+    import os
+
+    import torch
+
+    from md4_dist.model import Denoiser
+    from md4_dist.trainer.ds_config import accumulation_steps
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", f"{name}.json"))
+    with torch.device("meta"):  # counted without allocating 1.3B parameters
+        count = sum(p.numel() for p in Denoiser(cfg.model).parameters())
+    assert count == pytest.approx(params, rel=0.01)
+    assert list(cfg.cluster.world_sizes) == workers
+    for world in cfg.cluster.world_sizes:
+        assert accumulation_steps(cfg, world) * cfg.train.micro_batch * world == cfg.train.global_batch
