@@ -59,6 +59,8 @@ def ray_cluster():
     env = dict(os.environ, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", **auth)
     start = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+             # its job agent's port too: the default one may be held by another Ray on this host
+             f"--dashboard-agent-listen-port={free_port()}",
              "--disable-usage-stats", f"--temp-dir={temp}"]
     r = subprocess.run(start, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

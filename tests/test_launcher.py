@@ -1,0 +1,159 @@
+"""The launcher as a user runs it: `python -m launcher.submit` against a real `ray start --head`
+cluster with token auth, bad inputs refused before anything is uploaded, and the cluster YAMLs
+checked with Ray's own schema validator and for a dashboard that stays on localhost.
+
+    TORCH_EXTENSIONS_DIR=$PWD/.build/torch_extensions .venv/bin/python -m pytest -q tests/test_launcher.py
+"""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAMLS = sorted(glob.glob(os.path.join(ROOT, "launcher", "*.yaml")))
+
+
+def submit(*args, env=(), timeout=900):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | dict(env)
+    return subprocess.run([sys.executable, "-m", "launcher.submit", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_submit_follow_runs_the_job_to_success(ray_cluster, tmp_path, tiny_data):
+    address, auth = ray_cluster
+    run_dir = tmp_path / "run"
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".build", "torch_extensions"))
+    args = ["configs/tiny.json", "--address", address, "--follow", "--python", sys.executable,
+            "--env", f"TORCH_EXTENSIONS_DIR={ext}", "--set", f"train.run_dir={run_dir}",
+            "--set", f"data.manifest={tiny_data}", "--set", "train.steps=10", "--set", "logging.every=5"]
+
+    wrong = submit(*args, env={"RAY_AUTH_TOKEN": "0" * 32})
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr, wrong.stderr[-2000:]
+    # The token alone is enough: the launcher asks the cluster whether it wants one.
+    r = submit(*args, env={"RAY_AUTH_TOKEN": auth["RAY_AUTH_TOKEN"]})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    job_id = re.search(r"submitted job (\S+):", r.stdout).group(1)
+    assert "step 10/10" in r.stdout
+    assert f"job {job_id} SUCCEEDED" in r.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [5, 10]
+
+    # Without --follow: the job id and how to follow it (a job that ends at once: `true -m ...`).
+    quick = submit("configs/tiny.json", "--address", address, "--python", "true",
+                   "--set", f"train.run_dir={tmp_path / 'quick'}", "--set", f"data.manifest={tiny_data}",
+                   env={"RAY_AUTH_TOKEN": auth["RAY_AUTH_TOKEN"]}, timeout=300)
+    assert quick.returncode == 0, quick.stderr[-2000:]
+    assert re.search(r"follow it with: RAY_AUTH_MODE=token ray job logs --follow raysubmit_\S+ "
+                     rf"--address {address}", quick.stdout), quick.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "model.widht=3"], "unknown config key 'model.widht'"),
+    (["--set", "train.run_dir=runs/mine"], "config key 'train.run_dir' is the relative path 'runs/mine'"),
+    (["--set", "data.manifest=data/tiny-markov"], "config key 'data.manifest' is the relative path"),
+    (["--env", "NO_EQUALS_SIGN"], "--env 'NO_EQUALS_SIGN' is not KEY=VALUE"),
+    ([], "no Ray job API at http://127.0.0.1:{port}"),  # nothing listens there
+])
+def test_bad_input_fails_fast_naming_the_culprit(tmp_path, args, message):
+    port = free_port()
+    t = time.monotonic()
+    r = submit("configs/tiny.json", "--address", f"http://127.0.0.1:{port}",
+               "--set", f"train.run_dir={tmp_path / 'run'}", "--set", f"data.manifest={tmp_path}",
+               *args, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
+    assert message.format(port=port) in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t < 60
+
+
+def test_config_outside_the_project_is_refused(tmp_path):
+    outside = tmp_path / "tiny.json"
+    outside.write_text(open(os.path.join(ROOT, "configs", "tiny.json")).read())
+    r = submit(str(outside), "--address", f"http://127.0.0.1:{free_port()}", timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: config {outside} does not travel"), r.stderr
+
+
+def test_working_dir_leaves_the_bulk_behind_and_takes_the_package(tmp_path, monkeypatch):
+    from launcher import working_dir
+
+    monkeypatch.setattr(working_dir, "ROOT", tmp_path)
+    sizes = {"md4_dist/data/reader.py": 1, "data/shard-0.tar": working_dir.LARGE + 1,
+             ".venv/lib/torch.so": working_dir.LARGE + 1, "checkpoints/model.pt": working_dir.LARGE + 1}
+    for rel, size in sizes.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp_path / rel, "wb") as f:
+            f.truncate(size)  # sparse: no disk used
+    assert working_dir.large_files() == ["/checkpoints/model.pt"]
+    assert not working_dir.excluded(Path("md4_dist/data/reader.py"))
+    assert working_dir.excluded(Path("data/shard-0.tar"))
+    assert working_dir.excluded(Path("md4_dist/__pycache__/model.cpython-311.pyc"))
+
+
+def prepared(path):
+    """The config `ray up` acts on: ours merged with the provider's defaults (commands left
+    out of a YAML come from those defaults, and Ray's AWS and GCP ones open the dashboard)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    with open(path) as f:
+        return prepare_config(yaml.safe_load(f))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_cluster_yaml_passes_rays_schema(path):
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(prepared(path))
+
+
+def strings(node):
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def open_ports(node):
+    """Inbound rules anywhere in the tree: AWS IpPermissions and GCP firewall `allowed` entries."""
+    if isinstance(node, list):
+        return [p for v in node for p in open_ports(v)]
+    if not isinstance(node, dict):
+        return []
+    own = [(node.get("FromPort"), node.get("ToPort"))] if {"FromPort", "ToPort"} & set(node) else []
+    own += [port for rule in node.get("allowed", []) for port in rule.get("ports", ["all"])]
+    return own + [p for v in node.values() for p in open_ports(v)]
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
+def test_cluster_yaml_keeps_the_dashboard_on_localhost(path):
+    config = prepared(path)
+    starts = [s for s in strings(config) if re.search(r"\bray start\b", s)]
+    heads = [s for s in starts if "--head" in s.split()]
+    assert heads and all("--dashboard-host=127.0.0.1" in s.split() for s in heads), heads
+    assert not [s for s in strings(config) if "0.0.0.0" in s]
+    assert all("RAY_AUTH_MODE=token" in s for s in starts), starts  # the job API wants the token
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert set(open_ports(config)) <= {(22, 22), "22"}, open_ports(config)
+
+
+def test_aws_security_group_opens_only_ssh_to_the_internet():
+    """The rules Ray's AWS bootstrap will write into the group: its defaults plus ours."""
+    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
+
+    config = prepared(os.path.join(ROOT, "launcher", "aws.yaml"))
+    # A group named by id would keep rules we cannot see; Ray makes its own from the YAML's.
+    assert not any("SecurityGroupIds" in t["node_config"] for t in config["available_node_types"].values())
+    ours = config["provider"]["security_group"]["IpPermissions"]
+    rules = _create_default_inbound_rules(["sg-md4"], ours)
+    public = [r for r in rules if r.get("IpRanges") or r.get("Ipv6Ranges") or r.get("PrefixListIds")]
+    assert public and all((r["FromPort"], r["ToPort"]) == (22, 22) for r in public), public
