@@ -70,12 +70,18 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints every `every` steps, at the end, and when a worker gets SIGTERM. A failed
+    worker restarts the whole group from the latest one, up to `max_failures` times."""
+
     every: int = 5000  # steps between checkpoints
     keep: int = 3  # committed checkpoints kept
+    max_failures: int = 3  # restarts after a failure; -1: without limit
 
     def __post_init__(self):
         if self.every < 1 or self.keep < 1:
             raise ValueError("every and keep must be >= 1")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1, got {self.max_failures}")
 
 
 @dataclass

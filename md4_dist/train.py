@@ -12,13 +12,15 @@ the dataset's manifest against the model.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import replace
 
 from md4_dist.config import Config, ConfigError, load_config, save_config
 from md4_dist.data.manifest import ManifestError, load as load_manifest
-from md4_dist.data.storage import StorageError, join, list_dir
+from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
+from md4_dist.strict_config import to_dict
 from md4_dist.trainer.ds_config import accumulation_steps
 
 
@@ -55,12 +57,32 @@ def prepare(cfg: Config) -> Config:
     if cfg.eval.every and not getattr(manifest.splits.get("val"), "sequences", 0):
         raise ConfigError(f"config key 'eval.every' = {cfg.eval.every} needs a 'val' split, and "
                           f"{manifest.url} has none: set eval.every=0 or re-shard with a val fraction")
-    if "metrics.jsonl" in list_dir(cfg.train.run_dir, cfg.storage):
-        # Resuming comes with checkpointing; until then a second run must not mix into the first.
-        raise ConfigError(f"config key 'train.run_dir': {cfg.train.run_dir} already holds a run "
-                          "(metrics.jsonl); choose another run directory or remove it")
-    save_config(cfg, join(cfg.train.run_dir, "config.json"))
+    saved = join(cfg.train.run_dir, "config.json")
+    if "config.json" in list_dir(cfg.train.run_dir, cfg.storage):
+        # The same command again resumes the run from its latest checkpoint; another config
+        # would silently turn it into a different run.
+        now = json.loads(json.dumps(to_dict(cfg)))  # tuples as JSON lists, as saved
+        differ = _differences(json.loads(read_bytes(saved, cfg.storage)), now)
+        if differ:
+            raise ConfigError(f"config key 'train.run_dir': {cfg.train.run_dir} holds a run with "
+                              f"another config (differing: {', '.join(differ[:8])}); run it again "
+                              "with the same config to resume it, or choose another run directory")
+        print(f"resuming the run in {cfg.train.run_dir}", flush=True)
+    else:
+        save_config(cfg, saved)
     return cfg
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def main(argv=None) -> int:

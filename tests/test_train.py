@@ -65,7 +65,8 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     assert acc.Tags()["histograms"] == ["exponents"]
 
     again = train(f"train.run_dir={run_dir}", f"data.manifest={data}")
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "holds a run with another config" in again.stderr
+    assert "differing: eval.every, logging.every" in again.stderr
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 6, "nothing lost"
 
 
@@ -117,7 +118,7 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket):
     assert [e.step for e in acc.Scalars("loss")] == [5, 10]
 
     again = train(f"train.run_dir={run_dir}", f"data.manifest={data}")
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "holds a run with another config" in again.stderr
 
 
 @pytest.mark.parametrize("sets,message", [

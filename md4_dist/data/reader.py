@@ -57,6 +57,7 @@ class DataConfig:
     loader_workers: int = 2  # DataLoader worker processes per rank
     on_corrupt: Literal["raise", "skip"] = "raise"  # skip: drop a bad shard's sequences, counted
     synthetic: SyntheticData | None = None  # generate this corpus when the manifest is absent
+    record_sample_ids: bool = False  # each rank writes the ids it trains on to samples/rank-<r>.jsonl
 
     def __post_init__(self):
         if self.seq_len < 1:

@@ -4,6 +4,10 @@ Each step: `accumulation` micro-batches of `train.micro_batch` sequences per wor
 optimizer step sees `train.global_batch` sequences whatever the world size. A sequence's diffusion
 time and masks are keyed by its stream position (trainer/noise.py), not by the rank that reads
 it, so a run follows the same trajectory on 1 worker or on many, up to float rounding.
+
+Everything a step depends on is either in the checkpoint (weights, optimizer, LR schedule, EMA,
+reader position, the metric sums since the last record) or a function of the step and the seed
+(the noise), so a resumed run repeats the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
 from md4_dist.trainer.ds_config import deepspeed_config
+from md4_dist.trainer import checkpoint
 from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.evaluate import Evaluator
-from md4_dist.trainer.metrics import MetricsWriter
+from md4_dist.trainer.metrics import MetricsWriter, SampleLedger
 from md4_dist.trainer.module import DiffusionModel, model_inputs
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
 
@@ -60,24 +65,46 @@ def train_loop(loop_config: dict) -> None:
         for p in learnable:
             deepspeed.zero.register_external_parameter(engine.module, p)
     ema = PartitionedEMA(engine.module, cfg.train.ema) if cfg.train.ema else None
+    # surrogate loss x rows, bits per token x rows, rows: every row counts once at any world size
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    done, reader_state = 0, None  # steps done, and where the data stream stands after them
+    resumed = checkpoint.load(engine, rank, world)
+    if resumed is not None:
+        state, mine = resumed
+        done, reader_state = state["step"], state["reader"]
+        sums.copy_(mine["sums"])
+        if ema is not None:
+            ema.load_state_dict(mine["ema"])
+        torch.set_rng_state(mine["rng"])
+        if rank == 0:
+            print(f"resuming after step {done} from the latest checkpoint", flush=True)
 
     manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     stream = TokenStream(manifest, "train", cfg.train.micro_batch, rank=rank, world_size=world,
-                         seed=cfg.train.seed, on_corrupt=cfg.data.on_corrupt, storage=cfg.storage)
+                         seed=cfg.train.seed, state=reader_state, on_corrupt=cfg.data.on_corrupt,
+                         storage=cfg.storage)
     batches = iter(make_loader(stream, cfg.data.loader_workers))
     noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
                             masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, device)
     evaluate = Evaluator(cfg, manifest, rank, world, device) if cfg.eval.every else None
 
-    writer = MetricsWriter(cfg.train.run_dir, cfg.storage) if rank == 0 else None
-    # surrogate loss x rows, bits per token x rows, rows: every row counts once at any world size
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=done + 1) if rank == 0 else None
+    ledger = None
+    if cfg.data.record_sample_ids:
+        attempt = torch.tensor([time.time_ns()], device=device)  # rank 0's clock names the attempt
+        dist.broadcast(attempt, 0)
+        ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, int(attempt.item()))
     start = last = time.perf_counter()
     with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(done + 1, cfg.train.steps + 1):
+            ids = []
             for _ in range(accumulation):
-                inputs, rows = model_inputs(next(batches), noise, device)
+                batch = next(batches)
+                reader_state = batch["state"]
+                ids += batch["ids"].tolist()
+                inputs, rows = model_inputs(batch, noise, device)
                 out = engine(*inputs)
                 # a short micro-batch (rows of a skipped corrupt shard) weighs what it holds
                 engine.backward(out["loss"] * (rows / cfg.train.micro_batch))
@@ -86,6 +113,8 @@ def train_loop(loop_config: dict) -> None:
                                      torch.ones((), dtype=torch.float64, device=device)]) * rows
             if ema is not None:
                 ema.update()
+            if ledger is not None:
+                ledger.write(step, ids)
 
             record = {"step": step}
             if _due(step, cfg.logging.every, cfg):
@@ -115,14 +144,24 @@ def train_loop(loop_config: dict) -> None:
                 last += time.perf_counter() - began  # tokens/s counts training time only
             if writer is not None and len(record) > 1:
                 writer.write(record, histograms)
-                print(_progress(record, cfg, time.perf_counter() - start), flush=True)
+                print(_progress(record, cfg, time.perf_counter() - start, done), flush=True)
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                checkpoint.save(
+                    engine, step,
+                    state={"samples_seen": step * cfg.train.global_batch, "reader": reader_state,
+                           "world_size": world, "config": loop_config["config"]},
+                    rank_state={"sums": sums.cpu(), "ema": ema.state_dict() if ema else None,
+                                "rng": torch.get_rng_state()},
+                    metrics={"step": step}, rank=rank)
+                if ledger is not None:
+                    ledger.upload()
     if writer is not None:
         writer.close()
         print(f"done: {cfg.train.steps} steps; metrics {join(cfg.train.run_dir, 'metrics.jsonl')}, "
               f"TensorBoard logs {join(cfg.train.run_dir, 'tensorboard')}", flush=True)
 
 
-def _progress(record: dict, cfg: Config, elapsed: float) -> str:
+def _progress(record: dict, cfg: Config, elapsed: float, done: int) -> str:
     step = record["step"]
     line = f"step {step}/{cfg.train.steps}"
     if "loss" in record:
@@ -130,4 +169,4 @@ def _progress(record: dict, cfg: Config, elapsed: float) -> str:
                  f"tokens/s {record['tokens_per_s']:,.0f}")
     if "val_nelbo_bits_per_token" in record:
         line += f"  val bits/token {record['val_nelbo_bits_per_token']:.4f} ± {record['val_nelbo_se']:.4f}"
-    return line + f"  eta {_eta(elapsed / step * (cfg.train.steps - step))}"
+    return line + f"  eta {_eta(elapsed / (step - done) * (cfg.train.steps - step))}"

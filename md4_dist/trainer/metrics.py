@@ -1,8 +1,10 @@
-"""Rank 0's record of a run: metrics.jsonl and TensorBoard scalars under the same names.
+"""What ranks write into the run directory as they go: rank 0's metrics.jsonl and TensorBoard
+scalars (under the same names), and each rank's sample ledger.
 
-A local run directory is written in place. On object storage (s3://, gs://), which cannot append,
-both are written to a local staging directory and uploaded after every record; an upload that
-fails is logged and retried with the next record, and `close()` raises if the last one fails.
+A local run directory is written in place. Object storage (s3://, gs://) cannot append, so the
+files are kept in a local staging directory (seeded with what the run directory already holds)
+and uploaded: the metrics after every record, where an upload that fails is logged and retried
+with the next one; the ledger at every checkpoint. `close()` raises if the last upload fails.
 """
 
 from __future__ import annotations
@@ -19,14 +21,54 @@ from md4_dist.data.storage import StorageConfig, explain, filesystem, protocol
 log = logging.getLogger(__name__)
 
 
-class MetricsWriter:
-    def __init__(self, run_dir: str, storage: StorageConfig | None = None):
+class StagedFiles:
+    """Files under a run directory, written through local paths."""
+
+    def __init__(self, run_dir: str, storage: StorageConfig | None, fetch: tuple[str, ...] = ()):
         self.run_dir, self.storage = run_dir, storage
         self.remote = protocol(run_dir) != "file"
-        self.local_dir = tempfile.mkdtemp(prefix="md4_dist-run-") if self.remote else run_dir
-        os.makedirs(self.local_dir, exist_ok=True)
-        self.path = os.path.join(self.local_dir, "metrics.jsonl")
-        self.tb = SummaryWriter(os.path.join(self.local_dir, "tensorboard"))
+        self.root = tempfile.mkdtemp(prefix="md4_dist-run-") if self.remote else run_dir
+        self.written: set[str] = set()
+        for name in fetch if self.remote else ():  # continue what an earlier attempt wrote
+            try:
+                fs, path = filesystem(run_dir, storage)
+                if fs.exists(f"{path}/{name}"):
+                    os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
+                    fs.get_file(f"{path}/{name}", self.path(name))
+            except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+                raise explain(f"{run_dir}/{name}", e) from e
+
+    def path(self, name: str) -> str:
+        local = os.path.join(self.root, name)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        return local
+
+    def upload(self) -> None:
+        if not self.remote:
+            return
+        try:
+            fs, path = filesystem(self.run_dir, self.storage)
+            for d, _, files in os.walk(self.root):
+                for name in files:
+                    local = os.path.join(d, name)
+                    fs.put_file(local, f"{path}/{os.path.relpath(local, self.root)}")
+        except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+            raise explain(self.run_dir, e) from e
+
+
+class MetricsWriter:
+    """Records from `start_step` on: later records of an earlier attempt are dropped from
+    metrics.jsonl and purged from TensorBoard's view, since the steps are trained again."""
+
+    def __init__(self, run_dir: str, storage: StorageConfig | None = None, start_step: int = 1):
+        self.files = StagedFiles(run_dir, storage, fetch=("metrics.jsonl",))
+        self.path = self.files.path("metrics.jsonl")
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] < start_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        self.tb = SummaryWriter(self.files.path("tensorboard"), purge_step=start_step)
 
     def write(self, record: dict, histograms: dict | None = None) -> None:
         step = record["step"]
@@ -38,24 +80,42 @@ class MetricsWriter:
         for name, values in (histograms or {}).items():
             self.tb.add_histogram(name, values, step)
         self.tb.flush()
-        if self.remote:
-            try:
-                self._upload()
-            except Exception as e:  # noqa: BLE001 - a storage hiccup must not end the run
-                log.warning("metrics upload failed, retried with the next record: %s",
-                            explain(self.run_dir, e))
-
-    def _upload(self) -> None:
-        fs, path = filesystem(self.run_dir, self.storage)
-        for root, _, files in os.walk(self.local_dir):
-            for name in files:
-                local = os.path.join(root, name)
-                fs.put_file(local, path.rstrip("/") + "/" + os.path.relpath(local, self.local_dir))
+        try:
+            self.files.upload()
+        except OSError as e:  # a storage hiccup must not end the run
+            log.warning("metrics upload failed, retried with the next record: %s", e)
 
     def close(self) -> None:
         self.tb.close()
-        if self.remote:
-            try:
-                self._upload()
-            except Exception as e:  # noqa: BLE001 - re-raised with the URL named
-                raise explain(self.run_dir, e) from e
+        self.files.upload()
+
+
+class SampleLedger:
+    """samples/rank-<r>.jsonl: {"step", "attempt", "rank", "world_size", "ids"} per step. A step
+    trained again after a restart is written again under a later attempt; the effective ledger
+    takes, for each step, the entries of the latest attempt that wrote it."""
+
+    def __init__(self, run_dir: str, storage: StorageConfig | None, rank: int, world: int, attempt: int):
+        name = f"samples/rank-{rank:05d}.jsonl"
+        self.files = StagedFiles(run_dir, storage, fetch=(name,))
+        self.path, self.rank, self.world, self.attempt = self.files.path(name), rank, world, attempt
+
+    def write(self, step: int, ids: list[int]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "attempt": self.attempt, "rank": self.rank,
+                                "world_size": self.world, "ids": ids}) + "\n")
+
+    def upload(self) -> None:
+        self.files.upload()
+
+
+def effective_ledger(lines: list[dict]) -> dict[int, list[int]]:
+    """{step: ids trained at it} from all ranks' ledger entries: the latest attempt wins."""
+    latest: dict[int, int] = {}
+    for e in lines:
+        latest[e["step"]] = max(latest.get(e["step"], e["attempt"]), e["attempt"])
+    steps: dict[int, list[int]] = {}
+    for e in lines:
+        if e["attempt"] == latest[e["step"]]:
+            steps.setdefault(e["step"], []).extend(e["ids"])
+    return steps

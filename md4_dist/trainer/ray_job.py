@@ -18,7 +18,7 @@ FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "AWS_ENDPOINT_URL",
 def fit(cfg: Config):
     import pyarrow.fs
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Worker processes import torch and DeepSpeed before joining the group: slow on small machines.
@@ -44,7 +44,11 @@ def fit(cfg: Config):
                                  timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        run_config=RunConfig(name="ray", storage_path=storage_path, storage_filesystem=storage_fs,
-                             worker_runtime_env={"env_vars": env}),
+        # Ray keeps its record of the run and the checkpoints in <run_dir>/checkpoints, and restores
+        # from there when the same run directory is used again.
+        run_config=RunConfig(name="checkpoints", storage_path=storage_path,
+                             storage_filesystem=storage_fs, worker_runtime_env={"env_vars": env},
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
     return trainer.fit()
