@@ -62,12 +62,16 @@ def prepare(cfg: Config) -> Config:
         # The same command again resumes the run from its latest checkpoint; another config
         # would silently turn it into a different run.
         now = json.loads(json.dumps(to_dict(cfg)))  # tuples as JSON lists, as saved
-        differ = _differences(json.loads(read_bytes(saved, cfg.storage)), now)
+        before = json.loads(read_bytes(saved, cfg.storage))
+        # The cluster may change between attempts (the checkpoint is resharded); nothing else may.
+        differ = [k for k in _differences(before, now) if not k.startswith("cluster.")]
         if differ:
             raise ConfigError(f"config key 'train.run_dir': {cfg.train.run_dir} holds a run with "
                               f"another config (differing: {', '.join(differ[:8])}); run it again "
                               "with the same config to resume it, or choose another run directory")
         print(f"resuming the run in {cfg.train.run_dir}", flush=True)
+        if before.get("cluster") != now["cluster"]:
+            save_config(cfg, saved)  # the resolved config of the attempt that runs now
     else:
         save_config(cfg, saved)
     return cfg

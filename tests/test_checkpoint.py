@@ -58,28 +58,50 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def test_stopped_run_resumes_exactly(tmp_path, tiny_data):
-    """Stop a run after its first checkpoint (Ctrl-C), run the same command again: its
-    metrics.jsonl equals that of an uninterrupted run, number for number."""
-    straight = tmp_path / "straight"
-    run(command(straight, tiny_data))
-
-    stopped = tmp_path / "stopped"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = start(command(stopped, tiny_data), log)
-        wait_for_checkpoint(stopped, "checkpoint-00000020", proc)
+def stop_after_first_checkpoint(run_dir, data, log_path):
+    """Start a run and Ctrl-C it once Ray has registered its step-20 checkpoint."""
+    with open(log_path, "w") as log:
+        proc = start(command(run_dir, data), log)
+        wait_for_checkpoint(run_dir, "checkpoint-00000020", proc)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=300)
-    before = records(stopped)
-    assert before[-1]["step"] < 50, "stopped before the end"
+    assert records(run_dir)[-1]["step"] < 50, "stopped before the end"
 
-    out = run(command(stopped, tiny_data))
-    assert "resuming the run in" in out
-    resumed_at = [int(line.split("resuming after step ")[1].split()[0])
-                  for line in out.splitlines() if "resuming after step" in line]
-    assert resumed_at and resumed_at[0] in (20, 40)
-    assert records(stopped) == records(straight)
-    assert [r["step"] for r in records(stopped)] == list(range(5, 51, 5))
+
+def resumed_at(out: str) -> int:
+    lines = [line for line in out.splitlines() if "resuming after step" in line]
+    assert lines, out[-3000:]
+    return int(lines[0].split("resuming after step ")[1].split()[0])
+
+
+def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_data):
+    """Stop a 2-worker run after its first checkpoint (Ctrl-C) and run the same command again: its
+    metrics.jsonl equals that of an uninterrupted run, number for number. Resumed on 1 worker
+    instead (DeepSpeed's universal checkpoint, the EMA re-split), it follows the same curve up
+    to float rounding."""
+    straight = tmp_path / "straight"
+    run(command(straight, tiny_data))
+    want = records(straight)
+    assert [r["step"] for r in want] == list(range(5, 51, 5))
+
+    same = tmp_path / "same"
+    stop_after_first_checkpoint(same, tiny_data, tmp_path / "same.log")
+    out = run(command(same, tiny_data))
+    assert "resuming the run in" in out and resumed_at(out) in (20, 40)
+    assert records(same) == want
+
+    resized = tmp_path / "resized"
+    stop_after_first_checkpoint(resized, tiny_data, tmp_path / "resized.log")
+    out = run(command(resized, tiny_data, "cluster.num_workers=1"))
+    assert resumed_at(out) in (20, 40) and "(2 workers then, 1 now)" in out
+    got = records(resized)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for key in ("loss", "nelbo_bits_per_token", "grad_norm", "lr", "exponent_mean",
+                "val_nelbo_bits_per_token"):
+        a = [r[key] for r in got if key in r]
+        b = [r[key] for r in want if key in r]
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+    assert json.loads((resized / "config.json").read_text())["cluster"]["num_workers"] == 1
 
 
 def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_data):

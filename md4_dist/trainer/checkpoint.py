@@ -40,9 +40,9 @@ def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: 
                          checkpoint_dir_name=f"checkpoint-{step:08d}")
 
 
-def load(engine, rank: int, world: int) -> tuple[dict, dict] | None:
-    """(state, this rank's rank_state) from the latest registered checkpoint, loaded into the
-    engine; None when the run has none yet."""
+def latest() -> tuple[object, dict] | None:
+    """(the latest registered checkpoint, its state.json), or None when the run has none yet.
+    Read before DeepSpeed starts: a checkpoint of another world size changes its config."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -54,15 +54,43 @@ def load(engine, rank: int, world: int) -> tuple[dict, dict] | None:
                 state = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"checkpoint {checkpoint.path}: unreadable state.json ({e})") from e
-        if state.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {checkpoint.path} has format version "
-                                  f"{state.get('format_version')}; this code reads {FORMAT_VERSION}")
-        if state["world_size"] != world:
-            raise CheckpointError(f"checkpoint {checkpoint.path} was written by {state['world_size']} "
-                                  f"workers and this run has {world}: resizing is not supported yet")
-        path, _ = engine.load_checkpoint(d, tag=TAG, load_optimizer_states=True,
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {checkpoint.path} has format version "
+                              f"{state.get('format_version')}; this code reads {FORMAT_VERSION}")
+    return checkpoint, state
+
+
+def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
+    """Load the checkpoint into the engine; returns the rank states of the ranks that wrote it
+    (all of them when the world size changed, else this rank's alone).
+
+    At another world size the ZeRO shards no longer fit: DeepSpeed's universal checkpoint
+    conversion turns them into whole per-parameter tensors (weights and Adam moments), which the
+    engine, started with `load_universal`, splits for the new world size. Each rank converts its
+    own copy, so no rank waits on a shared file system."""
+    resized = state["world_size"] != world
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
+        load_dir = d
+        if resized:
+            _to_universal(os.path.join(d, TAG), os.path.join(u, TAG))
+            load_dir = u
+        path, _ = engine.load_checkpoint(load_dir, tag=TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found no checkpoint in it")
-        rank_state = torch.load(os.path.join(d, f"rank-{rank:05d}.pt"), weights_only=False)
-    return state, rank_state
+        ranks = range(state["world_size"]) if resized else [rank]
+        return [torch.load(os.path.join(d, f"rank-{r:05d}.pt"), weights_only=False) for r in ranks]
+
+
+def _to_universal(src: str, dst: str) -> None:
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter, once per rank
+        ds_to_universal.main(args)

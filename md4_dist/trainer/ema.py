@@ -72,6 +72,19 @@ class PartitionedEMA:
         """This rank's share: load it back at the same world size and ZeRO stage."""
         return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
 
+    @torch.no_grad()
+    def load_resharded(self, shares: list[dict], rank: int, world: int) -> None:
+        """This rank's share at world size `world`, from every rank's state_dict of a run at
+        another world size (ZeRO-3 pads each parameter to world x share before splitting it)."""
+        for i, (p, s) in enumerate(zip(self.params, self.shadow)):
+            if not _zero3(p):  # whole on every rank
+                s.copy_(shares[0]["shadow"][i])
+                continue
+            whole = torch.cat([share["shadow"][i].flatten() for share in shares])[:p.ds_numel]
+            mine = whole[rank * s.numel():(rank + 1) * s.numel()]
+            s.zero_()
+            s[:mine.numel()].copy_(mine)
+
     def load_state_dict(self, state: dict) -> None:
         shapes = [tuple(s.shape) for s in self.shadow]
         if [tuple(s.shape) for s in state["shadow"]] != shapes:

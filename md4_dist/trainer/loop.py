@@ -53,10 +53,14 @@ def train_loop(loop_config: dict) -> None:
     if cfg.cluster.use_gpu:
         torch.cuda.set_device(device)
 
+    found = checkpoint.latest()  # before DeepSpeed: another world size changes its config
+    ds_config = deepspeed_config(cfg, world)
+    if found is not None and found[1]["world_size"] != world:
+        ds_config["checkpoint"] = {"load_universal": True}
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = DiffusionModel(cfg.model, cfg.diffusion)
     engine, _, _, lr_schedule = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, world))
+        model=model, model_parameters=model.parameters(), config=ds_config)
     accumulation = engine.gradient_accumulation_steps()
     learnable = list(model.schedule.parameters())  # GenMD4's exponents, phi
     if cfg.deepspeed.zero_stage == 3 and learnable:
@@ -69,16 +73,23 @@ def train_loop(loop_config: dict) -> None:
     sums = torch.zeros(3, dtype=torch.float64, device=device)
 
     done, reader_state = 0, None  # steps done, and where the data stream stands after them
-    resumed = checkpoint.load(engine, rank, world)
-    if resumed is not None:
-        state, mine = resumed
+    if found is not None:
+        saved, state = found
+        ranks = checkpoint.load(engine, saved, state, rank, world)
         done, reader_state = state["step"], state["reader"]
-        sums.copy_(mine["sums"])
-        if ema is not None:
-            ema.load_state_dict(mine["ema"])
-        torch.set_rng_state(mine["rng"])
+        if len(ranks) == 1:  # the same world size: this rank's own share
+            sums.copy_(ranks[0]["sums"])
+            if ema is not None:
+                ema.load_state_dict(ranks[0]["ema"])
+            torch.set_rng_state(ranks[0]["rng"])
+        else:  # resized: the EMA re-split, the partial metric sums pooled on rank 0
+            if rank == 0:
+                sums.copy_(sum(r["sums"] for r in ranks))
+            if ema is not None:
+                ema.load_resharded([r["ema"] for r in ranks], rank, world)
         if rank == 0:
-            print(f"resuming after step {done} from the latest checkpoint", flush=True)
+            print(f"resuming after step {done} from the latest checkpoint ({state['world_size']} "
+                  f"workers then, {world} now)", flush=True)
 
     manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
