@@ -90,6 +90,8 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     collective_timeout_s: int = 600  # a collective that waits longer fails the job instead of hanging
+    # elastic runs: how often Ray looks for room to grow (it restarts from the latest checkpoint)
+    resize_check_s: float = 60.0
 
     def __post_init__(self):
         lo, hi = self._bounds()
@@ -100,6 +102,8 @@ class ClusterConfig:
             raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.collective_timeout_s < 1:
             raise ValueError(f"collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
+        if self.resize_check_s <= 0:
+            raise ValueError(f"resize_check_s must be > 0, got {self.resize_check_s}")
 
     def _bounds(self) -> tuple[int, int]:
         n = self.num_workers

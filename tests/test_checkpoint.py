@@ -53,6 +53,14 @@ def wait_for_checkpoint(run_dir, name, proc, timeout=600):
         time.sleep(0.05)
 
 
+def wait_for_line(log_path, text, proc, timeout=600):
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text():
+        assert proc.poll() is None, f"the run ended before {text!r}"
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout} s"
+        time.sleep(0.5)
+
+
 def records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
@@ -128,4 +136,49 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_
     assert sorted(steps) == list(range(1, 51))
     stream = TokenStream(load_manifest(tiny_data), "train", 32, seed=0)  # tiny.json's seed
     for step, batch in zip(range(1, 51), stream):
+        assert sorted(steps[step]) == sorted(batch["ids"].tolist()), f"step {step}"
+
+
+def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monkeypatch):
+    """`cluster.num_workers: [1, 2]` on a Ray cluster of two 1-CPU nodes: a node removed after the
+    first checkpoint, the run goes on with 1 worker; the node added back, it grows to 2 again. The
+    effective ledger holds the stream's order exactly once, and the loss curve has no jump."""
+    from ray.cluster_utils import Cluster
+
+    # The controller runs in this cluster, whose processes read this environment: after the node
+    # loss Ray first tries 2 workers again (the dead node's resources linger); this bounds the try.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
+        "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+        "health_check_failure_threshold": 3}})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
+        cmd = command(run_dir, tiny_data, "train.steps=400", "logging.every=10", "eval.every=0",
+                      "checkpoint.every=20", "cluster.num_workers=[1, 2]", "cluster.resize_check_s=5",
+                      "data.record_sample_ids=true")
+        with open(log_path, "w") as log:
+            proc = start(cmd, log)
+            wait_for_checkpoint(run_dir, "checkpoint-00000020", proc)
+            cluster.remove_node(nodes[1])
+            wait_for_line(log_path, "(2 workers then, 1 now)", proc)
+            cluster.add_node(num_cpus=1)
+            wait_for_line(log_path, "(1 workers then, 2 now)", proc)
+            assert proc.wait(timeout=900) == 0, log_path.read_text()[-4000:]
+    finally:
+        cluster.shutdown()
+
+    got = records(run_dir)
+    assert [r["step"] for r in got] == list(range(10, 401, 10))
+    jumps = [abs(a["nelbo_bits_per_token"] - b["nelbo_bits_per_token"]) for a, b in zip(got, got[1:])]
+    assert max(jumps) < 0.5, jumps
+    lines = [json.loads(line) for f in sorted((run_dir / "samples").iterdir())
+             for line in f.read_text().splitlines()]
+    assert {e["world_size"] for e in lines} == {1, 2}
+    steps = effective_ledger(lines)
+    assert sorted(steps) == list(range(1, 401))
+    stream = TokenStream(load_manifest(tiny_data), "train", 32, seed=0)
+    for step, batch in zip(range(1, 401), stream):
         assert sorted(steps[step]) == sorted(batch["ids"].tolist()), f"step {step}"

@@ -3,8 +3,11 @@
 registers it once every rank has reported. Ray keeps the last `checkpoint.keep`, hands the latest
 registered one to restarted workers (`ray.train.get_checkpoint()`), and restores its record from
 the run directory when the same command runs again, so a checkpoint is either whole or unknown.
+Each attempt (a start or restart of the worker group) writes under names of its own, so files of
+an attempt that died mid-save never mix into a later checkpoint of the same step; `discard_after`
+removes them.
 
-    checkpoint-00000100/
+    checkpoint-00000100-<attempt>/
       state.json                   step, samples seen, reader state, world size, config (rank 0)
       rank-00000.pt ...            each rank's EMA share, metric sums, RNG states
       step/                        DeepSpeed's own: ZeRO shards, model states, LR schedule
@@ -26,7 +29,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be loaded here; the message says why and where."""
 
 
-def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: int) -> None:
+def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: int,
+         attempt: int) -> None:
     """Every rank calls this at the same step (it is a barrier)."""
     import ray.train
 
@@ -37,7 +41,25 @@ def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: 
             with open(os.path.join(d, "state.json"), "w") as f:
                 json.dump({"format_version": FORMAT_VERSION, "step": step, **state}, f, indent=1)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint-{step:08d}")
+                         checkpoint_dir_name=f"checkpoint-{step:08d}-{attempt}")
+
+
+def discard_after(run_dir: str, storage, step: int) -> list[str]:
+    """Delete checkpoint directories past `step`, the one this attempt resumes from (0: none).
+    Ray would have resumed from any of them had it been registered: they are what attempts that
+    died left behind. Returns their names."""
+    from md4_dist.data.storage import explain, filesystem, join, list_dir
+
+    root = join(run_dir, "checkpoints")
+    stale = [n for n in list_dir(root, storage)
+             if n.startswith("checkpoint-") and int(n.split("-")[1]) > step]
+    for name in stale:
+        try:
+            fs, path = filesystem(join(root, name), storage)
+            fs.rm(path, recursive=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+            raise explain(join(root, name), e) from e
+    return stale
 
 
 def latest() -> tuple[object, dict] | None:
@@ -84,13 +106,10 @@ def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
 
 def _to_universal(src: str, dst: str) -> None:
     import argparse
-    import contextlib
-    import io
 
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=False)
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter, once per rank
-        ds_to_universal.main(args)
+    ds_to_universal.main(args)

@@ -77,7 +77,7 @@ def train_loop(loop_config: dict) -> None:
         saved, state = found
         ranks = checkpoint.load(engine, saved, state, rank, world)
         done, reader_state = state["step"], state["reader"]
-        if len(ranks) == 1:  # the same world size: this rank's own share
+        if state["world_size"] == world:  # this rank's own share
             sums.copy_(ranks[0]["sums"])
             if ema is not None:
                 ema.load_state_dict(ranks[0]["ema"])
@@ -101,12 +101,16 @@ def train_loop(loop_config: dict) -> None:
                             masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, device)
     evaluate = Evaluator(cfg, manifest, rank, world, device) if cfg.eval.every else None
 
-    writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=done + 1) if rank == 0 else None
-    ledger = None
-    if cfg.data.record_sample_ids:
-        attempt = torch.tensor([time.time_ns()], device=device)  # rank 0's clock names the attempt
-        dist.broadcast(attempt, 0)
-        ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, int(attempt.item()))
+    attempt = torch.tensor([time.time_ns()], device=device)  # rank 0's clock names this attempt
+    dist.broadcast(attempt, 0)
+    attempt = int(attempt.item())
+    writer = None
+    if rank == 0:
+        for name in checkpoint.discard_after(cfg.train.run_dir, cfg.storage, done):
+            print(f"removed {name}: an earlier attempt died writing it", flush=True)
+        writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=done + 1)
+    ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, attempt) \
+        if cfg.data.record_sample_ids else None
     start = last = time.perf_counter()
     with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
         for step in range(done + 1, cfg.train.steps + 1):
@@ -163,7 +167,7 @@ def train_loop(loop_config: dict) -> None:
                            "world_size": world, "config": loop_config["config"]},
                     rank_state={"sums": sums.cpu(), "ema": ema.state_dict() if ema else None,
                                 "rng": torch.get_rng_state()},
-                    metrics={"step": step}, rank=rank)
+                    metrics={"step": step}, rank=rank, attempt=attempt)
                 if ledger is not None:
                     ledger.upload()
     if writer is not None:

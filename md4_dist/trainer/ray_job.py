@@ -43,7 +43,8 @@ def fit(cfg: Config):
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
                                  timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=cfg.cluster.resize_check_s),
         # Ray keeps its record of the run and the checkpoints in <run_dir>/checkpoints, and restores
         # from there when the same run directory is used again.
         run_config=RunConfig(name="checkpoints", storage_path=storage_path,
