@@ -21,7 +21,7 @@ TIMING = {"tokens_per_s"}  # wall-clock figures; everything else must repeat exa
 def command(run_dir, data, *sets):
     cmd = [sys.executable, "-m", "md4_dist.train", os.path.join(ROOT, "configs", "tiny.json"),
            "--set", f"train.run_dir={run_dir}", "--set", f"data.manifest={data}"]
-    for s in ("train.steps=50", "checkpoint.every=20", "logging.every=5", "eval.every=25", *sets):
+    for s in ("train.steps=60", "checkpoint.every=20", "logging.every=5", "eval.every=30", *sets):
         cmd += ["--set", s]
     return cmd
 
@@ -66,14 +66,17 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def stop_after_first_checkpoint(run_dir, data, log_path):
-    """Start a run and Ctrl-C it once Ray has registered its step-20 checkpoint."""
+LONG = ("train.steps=100", "eval.every=50")  # room to stop a run after its second checkpoint
+
+
+def stop_after_checkpoint(run_dir, data, log_path, step):
+    """Start a run and Ctrl-C it once Ray has registered its checkpoint of `step`."""
     with open(log_path, "w") as log:
-        proc = start(command(run_dir, data), log)
-        wait_for_checkpoint(run_dir, "checkpoint-00000020", proc)
+        proc = start(command(run_dir, data, *LONG), log)
+        wait_for_checkpoint(run_dir, f"checkpoint-{step:08d}", proc)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=300)
-    assert records(run_dir)[-1]["step"] < 50, "stopped before the end"
+    assert records(run_dir)[-1]["step"] < 100, "stopped before the end"
 
 
 def resumed_at(out: str) -> int:
@@ -83,25 +86,30 @@ def resumed_at(out: str) -> int:
 
 
 def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_data):
-    """Stop a 2-worker run after its first checkpoint (Ctrl-C) and run the same command again: its
-    metrics.jsonl equals that of an uninterrupted run, number for number. Resumed on 1 worker
-    instead (DeepSpeed's universal checkpoint, the EMA re-split), it follows the same curve up
-    to float rounding."""
+    """Stop a 2-worker run (Ctrl-C) and run the same command again: its metrics.jsonl equals that
+    of an uninterrupted run, number for number, also when the latest checkpoint has a truncated
+    shard (it falls back to the one before and says so). Resumed on 1 worker instead (DeepSpeed's
+    universal checkpoint, the EMA re-split), it follows the same curve up to float rounding."""
     straight = tmp_path / "straight"
-    run(command(straight, tiny_data))
+    run(command(straight, tiny_data, *LONG))
     want = records(straight)
-    assert [r["step"] for r in want] == list(range(5, 51, 5))
+    assert [r["step"] for r in want] == list(range(5, 101, 5))
 
     same = tmp_path / "same"
-    stop_after_first_checkpoint(same, tiny_data, tmp_path / "same.log")
-    out = run(command(same, tiny_data))
-    assert "resuming the run in" in out and resumed_at(out) in (20, 40)
+    stop_after_checkpoint(same, tiny_data, tmp_path / "same.log", 40)
+    [latest] = (same / "checkpoints").glob("checkpoint-00000040-*")
+    shard = latest / "step" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = run(command(same, tiny_data, *LONG))
+    assert "resuming the run in" in out and resumed_at(out) == 20
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged" in out
+    assert f"resuming from {latest.parent}/checkpoint-00000020" in out
     assert records(same) == want
 
     resized = tmp_path / "resized"
-    stop_after_first_checkpoint(resized, tiny_data, tmp_path / "resized.log")
-    out = run(command(resized, tiny_data, "cluster.num_workers=1"))
-    assert resumed_at(out) in (20, 40) and "(2 workers then, 1 now)" in out
+    stop_after_checkpoint(resized, tiny_data, tmp_path / "resized.log", 20)
+    out = run(command(resized, tiny_data, *LONG, "cluster.num_workers=1"))
+    assert resumed_at(out) in (20, 40, 60, 80) and "(2 workers then, 1 now)" in out
     got = records(resized)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for key in ("loss", "nelbo_bits_per_token", "grad_norm", "lr", "exponent_mean",
@@ -115,7 +123,7 @@ def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_da
 def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_data):
     """SIGKILL one worker of a 2-worker run after its first checkpoint: Ray restarts the group from
     the checkpoint and the run completes; the effective sample ledger holds the stream's first
-    50 x 32 sequences, each exactly once, in the steps the uninterrupted order puts them."""
+    60 x 32 sequences, each exactly once, in the steps the uninterrupted order puts them."""
     run_dir = tmp_path / "run"
     with open(tmp_path / "run.log", "w") as log:
         proc = start(command(run_dir, tiny_data, "data.record_sample_ids=true"), log)
@@ -128,14 +136,14 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_
     log = (tmp_path / "run.log").read_text()
     assert "resuming after step" in log
 
-    assert [r["step"] for r in records(run_dir)] == list(range(5, 51, 5))
+    assert [r["step"] for r in records(run_dir)] == list(range(5, 61, 5))
     lines = [json.loads(line) for f in sorted((run_dir / "samples").iterdir())
              for line in f.read_text().splitlines()]
     assert len({e["attempt"] for e in lines}) == 2, "the killed attempt and the restarted one"
     steps = effective_ledger(lines)
-    assert sorted(steps) == list(range(1, 51))
+    assert sorted(steps) == list(range(1, 61))
     stream = TokenStream(load_manifest(tiny_data), "train", 32, seed=0)  # tiny.json's seed
-    for step, batch in zip(range(1, 51), stream):
+    for step, batch in zip(range(1, 61), stream):
         assert sorted(steps[step]) == sorted(batch["ids"].tolist()), f"step {step}"
 
 

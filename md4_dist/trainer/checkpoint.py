@@ -20,6 +20,7 @@ import os
 import tempfile
 
 import torch
+import torch.distributed as dist
 
 FORMAT_VERSION = 1
 TAG = "step"  # DeepSpeed's subdirectory; the checkpoint's own directory name carries the step
@@ -45,9 +46,9 @@ def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: 
 
 
 def discard_after(run_dir: str, storage, step: int) -> list[str]:
-    """Delete checkpoint directories past `step`, the one this attempt resumes from (0: none).
-    Ray would have resumed from any of them had it been registered: they are what attempts that
-    died left behind. Returns their names."""
+    """Delete checkpoint directories past `step`, that of the latest registered checkpoint (0:
+    none). Ray would resume from any of them had it been registered: they are what attempts that
+    died while writing left behind. Returns their names."""
     from md4_dist.data.storage import explain, filesystem, join, list_dir
 
     root = join(run_dir, "checkpoints")
@@ -62,24 +63,85 @@ def discard_after(run_dir: str, storage, step: int) -> list[str]:
     return stale
 
 
-def latest() -> tuple[object, dict] | None:
-    """(the latest registered checkpoint, its state.json), or None when the run has none yet.
-    Read before DeepSpeed starts: a checkpoint of another world size changes its config."""
+def registered():
+    """The latest checkpoint Ray has registered for this run, or None."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    return ray.train.get_checkpoint()
+
+
+def step_of(checkpoint) -> int:
+    """The step a checkpoint was written after; 0 for None."""
+    return 0 if checkpoint is None else _step(os.path.basename(checkpoint.path.rstrip("/")))
+
+
+def choose(newest, rank: int, world: int, device: torch.device) -> tuple[object, dict] | None:
+    """(the checkpoint to resume from, its state.json), or None when the run has none yet. Read
+    before DeepSpeed starts: a checkpoint of another world size changes its config.
+
+    `newest`, unless a file of it cannot be read (a truncated shard, a disk fault): then the one
+    before, with a warning naming what was wrong. Every rank reads its share of the files and all
+    agree, so no rank starts loading what another found broken."""
+    if newest is None:
         return None
+    skipped = []
+    for checkpoint in _newest_first(newest):
+        state, problem = _inspect(checkpoint, rank, world)
+        if problem is not None:  # said by the rank that found it
+            print(f"warning: checkpoint {checkpoint.path} cannot be loaded: {problem}", flush=True)
+        bad = torch.tensor([0 if problem is None else 1], device=device)  # NCCL: on the GPU
+        dist.all_reduce(bad)
+        if not bad.item():
+            if skipped and rank == 0:
+                print(f"warning: resuming from {checkpoint.path} instead of the newer "
+                      f"{', '.join(skipped)}", flush=True)
+            return checkpoint, state
+        skipped.append(os.path.basename(checkpoint.path.rstrip("/")))
+    raise CheckpointError(f"no checkpoint of this run can be loaded (tried {', '.join(skipped)}; "
+                          "the warnings above say why)")
+
+
+def _newest_first(newest) -> list:
+    """The registered checkpoint Ray resumes from, then the older ones beside it by step."""
+    import pyarrow.fs
+    import ray.train
+
+    parent = os.path.dirname(newest.path.rstrip("/"))
+    infos = newest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    step = _step(os.path.basename(newest.path.rstrip("/")))
+    older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and os.path.basename(i.path).startswith("checkpoint-")
+                    and _step(os.path.basename(i.path)) < step), key=lambda p: -_step(os.path.basename(p)))
+    return [newest] + [ray.train.Checkpoint(path=p, filesystem=newest.filesystem) for p in older]
+
+
+def _step(name: str) -> int:
+    return int(name.split("-")[1])
+
+
+def _inspect(checkpoint, rank: int, world: int) -> tuple[dict | None, str | None]:
+    """(state.json, None) when this rank's share of the checkpoint's files reads back whole,
+    else (None, what is wrong)."""
     with checkpoint.as_directory() as d:
         try:
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"checkpoint {checkpoint.path}: unreadable state.json ({e})") from e
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {checkpoint.path} has format version "
-                              f"{state.get('format_version')}; this code reads {FORMAT_VERSION}")
-    return checkpoint, state
+            return None, f"unreadable state.json ({e})"
+        if state.get("format_version") != FORMAT_VERSION:
+            return None, (f"format version {state.get('format_version')}; this code reads "
+                          f"{FORMAT_VERSION}")
+        files = sorted(os.path.relpath(os.path.join(root, n), d)
+                       for root, _, names in os.walk(d) for n in names if n.endswith(".pt"))
+        expected = state["world_size"]
+        if len([f for f in files if f.startswith("rank-")]) != expected:
+            return None, f"it should hold rank-*.pt for {expected} ranks"
+        for name in files[rank::world]:  # each rank reads its share: together, every file once
+            try:
+                torch.load(os.path.join(d, name), map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001 - a damaged file, whatever the reader's error
+                return None, f"{name} is damaged ({type(e).__name__}: {e})"
+    return state, None
 
 
 def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:

@@ -53,7 +53,11 @@ def train_loop(loop_config: dict) -> None:
     if cfg.cluster.use_gpu:
         torch.cuda.set_device(device)
 
-    found = checkpoint.latest()  # before DeepSpeed: another world size changes its config
+    newest = checkpoint.registered()
+    if rank == 0:
+        for name in checkpoint.discard_after(cfg.train.run_dir, cfg.storage, checkpoint.step_of(newest)):
+            print(f"removed {name}: an earlier attempt died writing it", flush=True)
+    found = checkpoint.choose(newest, rank, world, device)  # before DeepSpeed: it may change its config
     ds_config = deepspeed_config(cfg, world)
     if found is not None and found[1]["world_size"] != world:
         ds_config["checkpoint"] = {"load_universal": True}
@@ -104,11 +108,7 @@ def train_loop(loop_config: dict) -> None:
     attempt = torch.tensor([time.time_ns()], device=device)  # rank 0's clock names this attempt
     dist.broadcast(attempt, 0)
     attempt = int(attempt.item())
-    writer = None
-    if rank == 0:
-        for name in checkpoint.discard_after(cfg.train.run_dir, cfg.storage, done):
-            print(f"removed {name}: an earlier attempt died writing it", flush=True)
-        writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=done + 1)
+    writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=done + 1) if rank == 0 else None
     ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, attempt) \
         if cfg.data.record_sample_ids else None
     start = last = time.perf_counter()
