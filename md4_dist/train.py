@@ -4,7 +4,8 @@
     ray job submit -- python -m md4_dist.train configs/owt_large.json
 
 Attaches to a Ray cluster when run inside `ray job submit` or with RAY_ADDRESS set; otherwise
-starts a local Ray instance (the embedded default). Everything that can be checked before a
+starts a local Ray instance (the embedded default). Run again with the same run directory and
+config, it resumes from the latest checkpoint. Everything that can be checked before a
 worker starts is checked here: the config, the global batch against every allowed world size,
 the dataset's manifest against the model.
 """
