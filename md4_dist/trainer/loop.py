@@ -118,7 +118,8 @@ def train_loop(loop_config: dict) -> None:
             for _ in range(accumulation):
                 batch = next(batches)
                 reader_state = batch["state"]
-                ids += batch["ids"].tolist()
+                if ledger is not None:
+                    ids += batch["ids"].tolist()
                 inputs, rows = model_inputs(batch, noise, device)
                 out = engine(*inputs)
                 # a short micro-batch (rows of a skipped corrupt shard) weighs what it holds
