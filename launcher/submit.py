@@ -22,6 +22,7 @@ from launcher.working_dir import EXCLUDES, LARGE, ROOT, config_in_project, large
 from md4_dist.config import ConfigError, load_config
 
 CONNECT_TIMEOUT_S = 15
+STOP_WAIT_S = 600  # for `ray job stop`: the checkpoint before the SIGKILL
 
 
 def check_cluster_paths(cfg) -> None:
@@ -98,8 +99,10 @@ def main(argv=None) -> int:
         print(f"not uploaded (over {LARGE >> 20} MiB): {path[1:]}", file=sys.stderr)
     entrypoint = shlex.join([args.python, "-m", "md4_dist.train", config,
                              *(a for s in args.set for a in ("--set", s))])
-    runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES + skipped,
-                   "env_vars": dict(s.split("=", 1) for s in args.env)}
+    # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default is 3):
+    # time for every worker to finish its step and write a checkpoint.
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)} | dict(s.split("=", 1) for s in args.env)
+    runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES + skipped, "env_vars": env_vars}
     try:
         client = JobSubmissionClient(address)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 
@@ -104,8 +105,9 @@ def main(argv=None) -> int:
         return 2
     from md4_dist.trainer.ray_job import fit  # the one place Ray enters
 
-    fit(cfg)
-    return 0
+    step = fit(cfg)
+    # Stopped early (SIGTERM): not a success for a scheduler, which may run the command again.
+    return 0 if step == cfg.train.steps else 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

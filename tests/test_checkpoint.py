@@ -69,14 +69,21 @@ def records(run_dir):
 LONG = ("train.steps=100", "eval.every=50")  # room to stop a run after its second checkpoint
 
 
-def stop_after_checkpoint(run_dir, data, log_path, step):
-    """Start a run and Ctrl-C it once Ray has registered its checkpoint of `step`."""
+def stop_after_checkpoint(run_dir, data, log_path) -> int:
+    """Start a run and SIGTERM it between its first two checkpoints, as `ray job stop` or a
+    scheduler would: it saves after the step it is in and exits 143. Returns that step."""
     with open(log_path, "w") as log:
         proc = start(command(run_dir, data, *LONG), log)
-        wait_for_checkpoint(run_dir, f"checkpoint-{step:08d}", proc)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=300)
-    assert records(run_dir)[-1]["step"] < 100, "stopped before the end"
+        wait_for_checkpoint(run_dir, "checkpoint-00000020", proc)
+        wait_for_line(log_path, "step 25/100", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log_path.read_text()[-4000:]
+    out = log_path.read_text()
+    stopped = int(out.split("stopped after step ")[1].split()[0])
+    assert 25 <= stopped < 100 and records(run_dir)[-1]["step"] <= stopped
+    assert f"checkpoint after step {stopped} (a SIGTERM to the driver): " in out
+    assert out.count(f"stopped after step {stopped}") == 1  # rank 0 says it, once
+    return stopped
 
 
 def resumed_at(out: str) -> int:
@@ -86,9 +93,9 @@ def resumed_at(out: str) -> int:
 
 
 def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_data):
-    """Stop a 2-worker run (Ctrl-C) and run the same command again: its metrics.jsonl equals that
-    of an uninterrupted run, number for number, also when the latest checkpoint has a truncated
-    shard (it falls back to the one before and says so). Resumed on 1 worker instead (DeepSpeed's
+    """Stop a 2-worker run (SIGTERM: it checkpoints first) and run the same command again: its
+    metrics.jsonl equals that of an uninterrupted run, number for number, also when the latest
+    checkpoint has a truncated shard (it falls back to the one before and says so). Resumed on 1 worker instead (DeepSpeed's
     universal checkpoint, the EMA re-split), it follows the same curve up to float rounding."""
     straight = tmp_path / "straight"
     run(command(straight, tiny_data, *LONG))
@@ -96,20 +103,21 @@ def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_da
     assert [r["step"] for r in want] == list(range(5, 101, 5))
 
     same = tmp_path / "same"
-    stop_after_checkpoint(same, tiny_data, tmp_path / "same.log", 40)
-    [latest] = (same / "checkpoints").glob("checkpoint-00000040-*")
+    stopped = stop_after_checkpoint(same, tiny_data, tmp_path / "same.log")
+    [latest] = (same / "checkpoints").glob(f"checkpoint-{stopped:08d}-*")
     shard = latest / "step" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     out = run(command(same, tiny_data, *LONG))
-    assert "resuming the run in" in out and resumed_at(out) == 20
+    before = (stopped - 1) // 20 * 20  # the periodic checkpoint before the damaged one
+    assert "resuming the run in" in out and resumed_at(out) == before
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged" in out
-    assert f"resuming from {latest.parent}/checkpoint-00000020" in out
+    assert f"resuming from {latest.parent}/checkpoint-{before:08d}" in out
     assert records(same) == want
 
     resized = tmp_path / "resized"
-    stop_after_checkpoint(resized, tiny_data, tmp_path / "resized.log", 20)
+    stopped = stop_after_checkpoint(resized, tiny_data, tmp_path / "resized.log")
     out = run(command(resized, tiny_data, *LONG, "cluster.num_workers=1"))
-    assert resumed_at(out) in (20, 40, 60, 80) and "(2 workers then, 1 now)" in out
+    assert resumed_at(out) == stopped and "(2 workers then, 1 now)" in out
     got = records(resized)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for key in ("loss", "nelbo_bits_per_token", "grad_norm", "lr", "exponent_mean",
@@ -148,8 +156,9 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_
 
 
 def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monkeypatch):
-    """`cluster.num_workers: [1, 2]` on a Ray cluster of two 1-CPU nodes: a node removed after the
-    first checkpoint, the run goes on with 1 worker; the node added back, it grows to 2 again. The
+    """`cluster.num_workers: [1, 2]` on a Ray cluster of two 1-CPU nodes: a node drained for
+    preemption after the first checkpoint, the run saves a checkpoint at once; the node removed,
+    the run goes on with 1 worker from that checkpoint; the node added back, it grows to 2 again. The
     effective ledger holds the stream's order exactly once, and the loss curve has no jump."""
     from ray.cluster_utils import Cluster
 
@@ -170,6 +179,15 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
         with open(log_path, "w") as log:
             proc = start(cmd, log)
             wait_for_checkpoint(run_dir, "checkpoint-00000020", proc)
+            # A spot reclaim as Ray's autoscaler announces it: the node drains, then goes.
+            subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
+                            "--address", cluster.address, "--node-id", nodes[1].node_id,
+                            "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot",
+                            "--deadline-remaining-seconds", "30"], check=True, timeout=60)
+            wait_for_line(log_path, f"(Ray is preempting node {nodes[1].node_id[:12]}", proc)
+            saved = int(log_path.read_text().split("(Ray is preempting node")[0]
+                        .rsplit("checkpoint after step ", 1)[1])
+            wait_for_checkpoint(run_dir, f"checkpoint-{saved:08d}", proc)  # committed, then gone
             cluster.remove_node(nodes[1])
             wait_for_line(log_path, "(2 workers then, 1 now)", proc)
             cluster.add_node(num_cpus=1)
@@ -178,6 +196,10 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
     finally:
         cluster.shutdown()
 
+    log = log_path.read_text()
+    resumed = [int(line.split("resuming after step ")[1].split()[0])
+               for line in log.splitlines() if "(2 workers then, 1 now)" in line]
+    assert resumed and resumed[0] >= saved >= 20, "nothing before the preemption's checkpoint is lost"
     got = records(run_dir)
     assert [r["step"] for r in got] == list(range(10, 401, 10))
     jumps = [abs(a["nelbo_bits_per_token"] - b["nelbo_bits_per_token"]) for a, b in zip(got, got[1:])]

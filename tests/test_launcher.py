@@ -57,6 +57,27 @@ def test_submit_follow_runs_the_job_to_success(ray_cluster, tmp_path, tiny_data)
     assert re.search(r"follow it with: RAY_AUTH_MODE=token ray job logs --follow raysubmit_\S+ "
                      rf"--address {address}", quick.stdout), quick.stdout
 
+    # `ray job stop` sends the entrypoint SIGTERM: the run saves a checkpoint after its step, stops.
+    long_dir = tmp_path / "long"
+    r = submit("configs/tiny.json", "--address", address, "--python", sys.executable,
+               "--env", f"TORCH_EXTENSIONS_DIR={ext}", "--set", f"train.run_dir={long_dir}",
+               "--set", f"data.manifest={tiny_data}", "--set", "train.steps=100000",
+               "--set", "logging.every=5", env={"RAY_AUTH_TOKEN": auth["RAY_AUTH_TOKEN"]})
+    assert r.returncode == 0, r.stderr[-2000:]
+    job_id = re.search(r"submitted job (\S+):", r.stdout).group(1)
+    deadline = time.monotonic() + 600
+    while not (long_dir / "metrics.jsonl").exists() or not (long_dir / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline, "the job wrote no metrics in 600 s"
+        time.sleep(1)
+    ray_job = [os.path.join(os.path.dirname(sys.executable), "ray"), "job"]
+    env = dict(os.environ, **auth)
+    subprocess.run([*ray_job, "stop", job_id, "--address", address], check=True, timeout=700, env=env)
+    logs = subprocess.run([*ray_job, "logs", job_id, "--address", address], capture_output=True,
+                          text=True, check=True, timeout=60, env=env).stdout
+    step = int(logs.split("stopped after step ")[1].split()[0])
+    assert f"checkpoint after step {step} (a SIGTERM to the driver): " in logs
+    assert list((long_dir / "checkpoints").glob(f"checkpoint-{step:08d}-*")), logs[-3000:]
+
 
 @pytest.mark.parametrize("args,message", [
     (["--set", "model.widht=3"], "unknown config key 'model.widht'"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -31,18 +32,27 @@ class CheckpointError(RuntimeError):
 
 
 def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: int,
-         attempt: int) -> None:
-    """Every rank calls this at the same step (it is a barrier)."""
+         attempt: int) -> dict:
+    """Every rank calls this at the same step (it is a barrier). Returns what it cost: the
+    checkpoint's bytes (all ranks), seconds writing this rank's files, seconds committing them
+    (Ray moving them into the run directory, and registering the checkpoint)."""
     import ray.train
 
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="md4-ckpt-") as d:
         engine.save_checkpoint(d, tag=TAG, save_latest=False)
         torch.save(rank_state, os.path.join(d, f"rank-{rank:05d}.pt"))
         if rank == 0:
             with open(os.path.join(d, "state.json"), "w") as f:
                 json.dump({"format_version": FORMAT_VERSION, "step": step, **state}, f, indent=1)
+        size = torch.tensor([sum(os.path.getsize(os.path.join(r, n))
+                                 for r, _, names in os.walk(d) for n in names)],
+                            dtype=torch.float64, device=engine.device)
+        dist.all_reduce(size)
+        written = time.perf_counter()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint-{step:08d}-{attempt}")
+    return {"bytes": size.item(), "write_s": written - began, "commit_s": time.perf_counter() - written}
 
 
 def discard_after(run_dir: str, storage, step: int) -> list[str]:
@@ -156,7 +166,10 @@ def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
         load_dir = d
         if resized:
+            began = time.perf_counter()
             _to_universal(os.path.join(d, TAG), os.path.join(u, TAG))
+            print(f"rank {rank}: converted to a universal checkpoint in "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)
             load_dir = u
         path, _ = engine.load_checkpoint(load_dir, tag=TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)

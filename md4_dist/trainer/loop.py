@@ -30,6 +30,7 @@ from md4_dist.trainer.evaluate import Evaluator
 from md4_dist.trainer.metrics import MetricsWriter, SampleLedger
 from md4_dist.trainer.module import DiffusionModel, model_inputs
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
+from md4_dist.trainer.stop import StopWatch
 
 
 def _eta(seconds: float) -> str:
@@ -57,7 +58,9 @@ def train_loop(loop_config: dict) -> None:
     if rank == 0:
         for name in checkpoint.discard_after(cfg.train.run_dir, cfg.storage, checkpoint.step_of(newest)):
             print(f"removed {name}: an earlier attempt died writing it", flush=True)
+    began = time.perf_counter()
     found = checkpoint.choose(newest, rank, world, device)  # before DeepSpeed: it may change its config
+    checked_s = time.perf_counter() - began
     ds_config = deepspeed_config(cfg, world)
     if found is not None and found[1]["world_size"] != world:
         ds_config["checkpoint"] = {"load_universal": True}
@@ -79,6 +82,7 @@ def train_loop(loop_config: dict) -> None:
     done, reader_state = 0, None  # steps done, and where the data stream stands after them
     if found is not None:
         saved, state = found
+        began = time.perf_counter()
         ranks = checkpoint.load(engine, saved, state, rank, world)
         done, reader_state = state["step"], state["reader"]
         if state["world_size"] == world:  # this rank's own share
@@ -93,7 +97,8 @@ def train_loop(loop_config: dict) -> None:
                 ema.load_resharded([r["ema"] for r in ranks], rank, world)
         if rank == 0:
             print(f"resuming after step {done} from the latest checkpoint ({state['world_size']} "
-                  f"workers then, {world} now)", flush=True)
+                  f"workers then, {world} now): checked in {checked_s:.1f} s, loaded in "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)
 
     manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
@@ -111,7 +116,25 @@ def train_loop(loop_config: dict) -> None:
     writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=done + 1) if rank == 0 else None
     ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, attempt) \
         if cfg.data.record_sample_ids else None
+    watch = StopWatch(loop_config["stop"], rank, cfg.cluster.collective_timeout_s)
+
+    def save(step: int, why: str) -> None:
+        cost = checkpoint.save(
+            engine, step,
+            state={"samples_seen": step * cfg.train.global_batch, "reader": reader_state,
+                   "world_size": world, "config": loop_config["config"]},
+            rank_state={"sums": sums.cpu(), "ema": ema.state_dict() if ema else None,
+                        "rng": torch.get_rng_state()},
+            metrics={"step": step}, rank=rank, attempt=attempt)
+        if ledger is not None:
+            ledger.upload()
+        if rank == 0:
+            print(f"checkpoint after step {step}{f' ({why})' if why else ''}: "
+                  f"{cost['bytes'] / 2**30:.3f} GiB, written in {cost['write_s']:.1f} s, "
+                  f"committed in {cost['commit_s']:.1f} s", flush=True)
+
     start = last = time.perf_counter()
+    step = done
     with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
         for step in range(done + 1, cfg.train.steps + 1):
             ids = []
@@ -161,20 +184,19 @@ def train_loop(loop_config: dict) -> None:
             if writer is not None and len(record) > 1:
                 writer.write(record, histograms)
                 print(_progress(record, cfg, time.perf_counter() - start, done), flush=True)
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                checkpoint.save(
-                    engine, step,
-                    state={"samples_seen": step * cfg.train.global_batch, "reader": reader_state,
-                           "world_size": world, "config": loop_config["config"]},
-                    rank_state={"sums": sums.cpu(), "ema": ema.state_dict() if ema else None,
-                                "rng": torch.get_rng_state()},
-                    metrics={"step": step}, rank=rank, attempt=attempt)
-                if ledger is not None:
-                    ledger.upload()
+            why, stop = watch.check()  # a SIGTERM or a preemption notice: save now
+            if why or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+                save(step, why)
+            if stop:
+                if rank == 0:
+                    print(f"stopped after step {step} of {cfg.train.steps}; the same command "
+                          "resumes the run", flush=True)
+                break
     if writer is not None:
         writer.close()
-        print(f"done: {cfg.train.steps} steps; metrics {join(cfg.train.run_dir, 'metrics.jsonl')}, "
-              f"TensorBoard logs {join(cfg.train.run_dir, 'tensorboard')}", flush=True)
+        if step == cfg.train.steps:
+            print(f"done: {cfg.train.steps} steps; metrics {join(cfg.train.run_dir, 'metrics.jsonl')}, "
+                  f"TensorBoard logs {join(cfg.train.run_dir, 'tensorboard')}", flush=True)
 
 
 def _progress(record: dict, cfg: Config, elapsed: float, done: int) -> str:

@@ -8,18 +8,22 @@ import os
 from md4_dist.config import Config
 from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
+from md4_dist.trainer import checkpoint
 from md4_dist.trainer.loop import train_loop
+from md4_dist.trainer.stop import StopRequest, on_sigterm
 
-# Passed to every worker: DeepSpeed's accelerator and, when set, the compiled-op cache.
+# Passed to every worker when set: the compiled-op cache, NCCL and S3 settings.
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
 
 
-def fit(cfg: Config):
+def fit(cfg: Config) -> int:
+    """Train; returns the last step checkpointed, short of `train.steps` when stopped early."""
     import pyarrow.fs
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # Worker processes import torch and DeepSpeed before joining the group: slow on small machines.
     # Read by the Ray processes this driver starts (the embedded default); a cluster sets its own.
@@ -35,11 +39,15 @@ def fit(cfg: Config):
     else:
         fs, storage_path = filesystem(cfg.train.run_dir, cfg.storage)
         storage_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-    env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu"}
+    # Ray Train's print patch also logs each line, which Ray then shows twice.
+    env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    # On the driver's node, which lives as long as the run: workers' nodes may come and go.
+    stop = StopRequest.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(cfg)},
+        train_loop_config={"config": to_dict(cfg), "stop": stop},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
                                  timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -52,4 +60,9 @@ def fit(cfg: Config):
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
-    return trainer.fit()
+    restore = on_sigterm(stop)
+    try:
+        result = trainer.fit()
+    finally:
+        restore()
+    return checkpoint.step_of(result.checkpoint)
