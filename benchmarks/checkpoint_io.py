@@ -88,8 +88,8 @@ def io(args, work: str, data: str) -> dict:
         r"checkpoint after step \d+: ([\d.]+) GiB, written in ([\d.]+) s, committed in ([\d.]+) s", out)]
     assert len(saves) == args.repeats, out[-3000:]
     gib = saves[-1][0]
-    [latest] = sorted(d for d in os.listdir(os.path.join(run_dir, "checkpoints"))
-                      if d.startswith("checkpoint-"))[-1:]
+    names = os.listdir(os.path.join(run_dir, "checkpoints"))
+    latest = max(d for d in names if d.startswith("checkpoint-"))
     src = os.path.join(run_dir, "checkpoints", latest)
     copies = [copy_seconds(src, os.path.join(work, "copy"), False) for _ in range(args.repeats)]
     synced = [copy_seconds(src, os.path.join(work, "copy"), True) for _ in range(args.repeats)]
@@ -102,7 +102,8 @@ def io(args, work: str, data: str) -> dict:
         loads.append(float(m.group(2)))
     for _ in range(args.repeats):
         out = train(*model, "cluster.num_workers=1")
-        conversions.append(float(re.search(r"converted to a universal checkpoint in ([\d.]+) s", out).group(1)))
+        m = re.search(r"converted to a universal checkpoint in ([\d.]+) s", out)
+        conversions.append(float(m.group(1)))
     per_gib = lambda xs: spread([x / gib for x in xs])  # noqa: E731 - seconds per GiB
     return {
         "checkpoint_gib": gib,
@@ -122,16 +123,16 @@ def resize(args, work: str, data: str) -> dict:
     from ray.cluster_utils import Cluster
 
     shrink, grow = [], []
+    # The controller runs in the cluster, whose processes read this environment.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(args.start_timeout)
     for i in range(args.repeats):
-        env = environment() | {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(args.start_timeout)}
-        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(args.start_timeout)
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
             "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
             "health_check_failure_threshold": 3}})
         try:
             nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
             cluster.wait_for_nodes()
-            env["RAY_ADDRESS"] = cluster.address
+            env = environment() | {"RAY_ADDRESS": cluster.address}
             run_dir = os.path.join(work, f"resize-{i}")
             cmd = [sys.executable, "-m", "md4_dist.train", TINY]
             for s in (f"data.manifest={data}", f"train.run_dir={run_dir}", "train.steps=100000",
@@ -139,19 +140,19 @@ def resize(args, work: str, data: str) -> dict:
                       "cluster.num_workers=[1, 2]", "cluster.resize_check_s=5"):
                 cmd += ["--set", s]
             log_path = os.path.join(work, f"resize-{i}.log")
-            seen = []  # (wall time first read, line)
             with open(log_path, "w") as log:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 try:
-                    follow(log_path, seen, proc, lambda: max_step(seen) >= 120)
+                    events = Events(log_path, proc)
+                    events.until(lambda: events.max_step() >= 120)
                     cluster.remove_node(nodes[1])
-                    follow(log_path, seen, proc, lambda: regained(seen, 1))
+                    events.until(lambda: events.regained(1))
                     cluster.add_node(num_cpus=1)
-                    follow(log_path, seen, proc, lambda: regained(seen, 2))
+                    events.until(lambda: events.regained(2))
                 finally:
                     proc.terminate()
                     proc.wait(timeout=300)
-            lost = lost_per_restart(seen)
+            lost = events.lost_per_restart()
             assert len(lost) == 2, f"expected a shrink and a grow, got {len(lost)} restarts: {log_path}"
             shrink.append(lost[0])
             grow.append(lost[1])
@@ -165,44 +166,55 @@ STEP = re.compile(r"step (\d+)/100000")
 RESUMED = re.compile(r"resuming after step (\d+) .*\((\d+) workers then, (\d+) now\)")
 
 
-def follow(log_path, seen, proc, done, timeout=900):
-    """Read the log as it grows, noting when each line was first seen, until done()."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(log_path) as f:
-            lines = f.read().splitlines()
-        now = time.monotonic()
-        seen.extend((now, line) for line in lines[len(seen):])
-        if done():
-            return
-        if proc.poll() is not None or now > deadline:
-            raise SystemExit(f"the elastic run ended or stalled; see {log_path}")
-        time.sleep(0.05)
+class Events:
+    """The run's log as it grows: (when first read, "step", n) for each step logged and
+    (when, "start", workers) for each group that resumed, each line parsed once."""
 
+    def __init__(self, log_path: str, proc):
+        self.log_path, self.proc = log_path, proc
+        self.file = open(log_path)
+        self.partial = ""
+        self.seen: list[tuple[float, str, int]] = []
 
-def max_step(seen) -> int:
-    return max((int(m.group(1)) for _, line in seen if (m := STEP.search(line))), default=0)
+    def until(self, done, timeout=900) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.partial + self.file.read()
+            *lines, self.partial = text.split("\n")
+            now = time.monotonic()
+            for line in lines:
+                if m := STEP.search(line):
+                    self.seen.append((now, "step", int(m.group(1))))
+                elif m := RESUMED.search(line):
+                    self.seen.append((now, "start", int(m.group(3))))
+            if lines and done():
+                return
+            if self.proc.poll() is not None or now > deadline:
+                raise SystemExit(f"the elastic run ended or stalled; see {self.log_path}")
+            time.sleep(0.05)
 
+    def max_step(self, events=None) -> int:
+        events = self.seen if events is None else events
+        return max((n for _, kind, n in events if kind == "step"), default=0)
 
-def regained(seen, workers: int) -> bool:
-    """Whether a group of `workers` has started and got back to the step the one before reached."""
-    starts = [i for i, (_, line) in enumerate(seen)
-              if (m := RESUMED.search(line)) and int(m.group(3)) == workers]
-    return bool(starts) and max_step(seen[starts[-1]:]) >= max_step(seen[:starts[-1]])
+    def regained(self, workers: int) -> bool:
+        """Whether a group of `workers` has started and got back to the step the one before reached."""
+        starts = [i for i, (_, kind, n) in enumerate(self.seen) if kind == "start" and n == workers]
+        if not starts:
+            return False
+        return self.max_step(self.seen[starts[-1]:]) >= self.max_step(self.seen[:starts[-1]])
 
-
-def lost_per_restart(seen) -> list[float]:
-    """For each restart: from the old group's last logged step to the new group logging it."""
-    lost = []
-    for i, (_, line) in enumerate(seen):
-        if not RESUMED.search(line):
-            continue
-        before = [(t, int(m.group(1))) for t, ln in seen[:i] if (m := STEP.search(ln))]
-        t_old, s_old = max(before, key=lambda x: x[1])
-        t_old = min(t for t, s in before if s == s_old)
-        again = [t for t, ln in seen[i:] if (m := STEP.search(ln)) and int(m.group(1)) == s_old]
-        lost.append(again[0] - t_old)
-    return lost
+    def lost_per_restart(self) -> list[float]:
+        """For each restart: from the old group's last logged step to the new group logging it."""
+        lost = []
+        for i, (_, kind, _) in enumerate(self.seen):
+            if kind != "start":
+                continue
+            s_old = self.max_step(self.seen[:i])
+            t_old = min(t for t, k, n in self.seen[:i] if k == "step" and n == s_old)
+            t_new = min(t for t, k, n in self.seen[i:] if k == "step" and n == s_old)
+            lost.append(t_new - t_old)
+        return lost
 
 
 def main(argv=None) -> int:

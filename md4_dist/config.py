@@ -70,8 +70,9 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints every `every` steps, at the end, and when a worker gets SIGTERM. A failed
-    worker restarts the whole group from the latest one, up to `max_failures` times."""
+    """Checkpoints every `every` steps, at the end, on SIGTERM to the driver and on Ray's notice
+    that a node is being preempted. A failed worker restarts the whole group from the latest one,
+    up to `max_failures` times."""
 
     every: int = 5000  # steps between checkpoints
     keep: int = 3  # committed checkpoints kept

@@ -66,6 +66,20 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
+def ledger_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for f in sorted((run_dir / "samples").iterdir())
+            for line in f.read_text().splitlines()]
+
+
+def assert_exactly_once(lines, data, steps):
+    """The effective ledger holds steps 1..steps, each with the stream's own sequences for it."""
+    effective = effective_ledger(lines)
+    assert sorted(effective) == list(range(1, steps + 1))
+    stream = TokenStream(load_manifest(data), "train", 32, seed=0)  # tiny.json's batch and seed
+    for step, batch in zip(range(1, steps + 1), stream):
+        assert sorted(effective[step]) == sorted(batch["ids"].tolist()), f"step {step}"
+
+
 LONG = ("train.steps=100", "eval.every=50")  # room to stop a run after its second checkpoint
 
 
@@ -95,8 +109,9 @@ def resumed_at(out: str) -> int:
 def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_data):
     """Stop a 2-worker run (SIGTERM: it checkpoints first) and run the same command again: its
     metrics.jsonl equals that of an uninterrupted run, number for number, also when the latest
-    checkpoint has a truncated shard (it falls back to the one before and says so). Resumed on 1 worker instead (DeepSpeed's
-    universal checkpoint, the EMA re-split), it follows the same curve up to float rounding."""
+    checkpoint has a truncated shard (it falls back to the one before and says so). Resumed on 1
+    worker instead (DeepSpeed's universal checkpoint, the EMA re-split), it follows the same curve
+    up to float rounding."""
     straight = tmp_path / "straight"
     run(command(straight, tiny_data, *LONG))
     want = records(straight)
@@ -145,14 +160,9 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_
     assert "resuming after step" in log
 
     assert [r["step"] for r in records(run_dir)] == list(range(5, 61, 5))
-    lines = [json.loads(line) for f in sorted((run_dir / "samples").iterdir())
-             for line in f.read_text().splitlines()]
+    lines = ledger_lines(run_dir)
     assert len({e["attempt"] for e in lines}) == 2, "the killed attempt and the restarted one"
-    steps = effective_ledger(lines)
-    assert sorted(steps) == list(range(1, 61))
-    stream = TokenStream(load_manifest(tiny_data), "train", 32, seed=0)  # tiny.json's seed
-    for step, batch in zip(range(1, 61), stream):
-        assert sorted(steps[step]) == sorted(batch["ids"].tolist()), f"step {step}"
+    assert_exactly_once(lines, tiny_data, 60)
 
 
 def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monkeypatch):
@@ -204,11 +214,6 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
     assert [r["step"] for r in got] == list(range(10, 401, 10))
     jumps = [abs(a["nelbo_bits_per_token"] - b["nelbo_bits_per_token"]) for a, b in zip(got, got[1:])]
     assert max(jumps) < 0.5, jumps
-    lines = [json.loads(line) for f in sorted((run_dir / "samples").iterdir())
-             for line in f.read_text().splitlines()]
+    lines = ledger_lines(run_dir)
     assert {e["world_size"] for e in lines} == {1, 2}
-    steps = effective_ledger(lines)
-    assert sorted(steps) == list(range(1, 401))
-    stream = TokenStream(load_manifest(tiny_data), "train", 32, seed=0)
-    for step, batch in zip(range(1, 401), stream):
-        assert sorted(steps[step]) == sorted(batch["ids"].tolist()), f"step {step}"
+    assert_exactly_once(lines, tiny_data, 400)

@@ -62,8 +62,7 @@ def discard_after(run_dir: str, storage, step: int) -> list[str]:
     from md4_dist.data.storage import explain, filesystem, join, list_dir
 
     root = join(run_dir, "checkpoints")
-    stale = [n for n in list_dir(root, storage)
-             if n.startswith("checkpoint-") and int(n.split("-")[1]) > step]
+    stale = [n for n in list_dir(root, storage) if n.startswith("checkpoint-") and _step(n) > step]
     for name in stale:
         try:
             fs, path = filesystem(join(root, name), storage)
@@ -82,7 +81,7 @@ def registered():
 
 def step_of(checkpoint) -> int:
     """The step a checkpoint was written after; 0 for None."""
-    return 0 if checkpoint is None else _step(os.path.basename(checkpoint.path.rstrip("/")))
+    return 0 if checkpoint is None else _step(_name(checkpoint))
 
 
 def choose(newest, rank: int, world: int, device: torch.device) -> tuple[object, dict] | None:
@@ -106,7 +105,7 @@ def choose(newest, rank: int, world: int, device: torch.device) -> tuple[object,
                 print(f"warning: resuming from {checkpoint.path} instead of the newer "
                       f"{', '.join(skipped)}", flush=True)
             return checkpoint, state
-        skipped.append(os.path.basename(checkpoint.path.rstrip("/")))
+        skipped.append(_name(checkpoint))
     raise CheckpointError(f"no checkpoint of this run can be loaded (tried {', '.join(skipped)}; "
                           "the warnings above say why)")
 
@@ -118,11 +117,15 @@ def _newest_first(newest) -> list:
 
     parent = os.path.dirname(newest.path.rstrip("/"))
     infos = newest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    step = _step(os.path.basename(newest.path.rstrip("/")))
-    older = sorted((i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and os.path.basename(i.path).startswith("checkpoint-")
-                    and _step(os.path.basename(i.path)) < step), key=lambda p: -_step(os.path.basename(p)))
+    older = sorted((i for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint-") and _step(i.base_name) < step_of(newest)),
+                   key=lambda i: -_step(i.base_name))
+    older = [i.path for i in older]
     return [newest] + [ray.train.Checkpoint(path=p, filesystem=newest.filesystem) for p in older]
+
+
+def _name(checkpoint) -> str:
+    return os.path.basename(checkpoint.path.rstrip("/"))
 
 
 def _step(name: str) -> int:
