@@ -33,7 +33,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
-    warmup_steps: int = 2000
+    warmup_steps: int = 2000  # >= 1: the lr rises linearly from 0 at step 0
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     grad_clip: float = 0.0  # 0 disables clipping
 
@@ -42,8 +42,10 @@ class OptimConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay, warmup_steps and grad_clip must be >= 0 and eps > 0")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0 and eps > 0")
+        if self.warmup_steps < 1:  # DeepSpeed's WarmupCosineLR refuses 0, inside every worker
+            raise ValueError(f"warmup_steps must be >= 1 (1: only step 0 runs at lr 0), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
 
@@ -57,6 +59,9 @@ class TrainConfig:
     global_batch: int = 512  # sequences per optimizer step, the same for every world size
     micro_batch: int = 16  # sequences per worker per forward pass
     ema: float = 0.9999  # 0 disables the EMA of the parameters
+    # torch.compile each block's forward and fuse the output layer's reductions (GPU runs);
+    # "reduce-overhead" also replays each block's kernels as a CUDA graph
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
 
     def __post_init__(self):
         if self.steps < 1 or self.global_batch < 1 or self.micro_batch < 1:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from md4_dist.output_head import EAGER, CountLater, HeadKernels, head_stats, padded_vocab
+
 MlpType = Literal["glu", "swiglu", "geglu"]
 # The gate activation of each MLP type; the official code uses the same activation in front of
 # every adaLN projection.
@@ -115,6 +117,29 @@ class Block(nn.Module):
         return h + gate_m * self.mlp_out(self.act(gate) * value)
 
 
+class OutputLayer(nn.Module):
+    """The untied output projection, weight [V_pad, D] with V_pad >= V rows (output_head says why;
+    the padding rows are never read as logits). Called with targets, it returns the loss's
+    reductions of the logits at the given rows instead of the logits (`output_head.head_stats`).
+    Either way the weight is read inside this module's own call, where ZeRO-3 gathers it."""
+
+    def __init__(self, dim: int, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.weight = nn.Parameter(torch.empty(padded_vocab(vocab), dim))
+        self.kernels = EAGER
+
+    def compile(self, **kwargs):
+        """Fuse the loss's reductions of the logits with torch.compile (the projections are
+        cuBLAS's already, and the row count varies per step)."""
+        self.kernels = HeadKernels(compiled=True)
+
+    def forward(self, h, x=None, w=None):
+        if x is None:
+            return F.linear(h, self.weight)[..., :self.vocab]
+        return head_stats(h, self.weight, x, self.vocab, w, self.kernels)
+
+
 class Denoiser(nn.Module):
     """p_theta(x | z_t, t): tokens [B, L] in [0, V] (V is the mask) and t [B] -> logits [B, L, V]."""
 
@@ -127,7 +152,7 @@ class Denoiser(nn.Module):
             nn.Linear(cfg.time_dim, 4 * cfg.time_dim), nn.SiLU(), nn.Linear(4 * cfg.time_dim, cfg.time_dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.out_ada = nn.Linear(cfg.time_dim, 2 * cfg.dim)
-        self.out = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.out = OutputLayer(cfg.dim, cfg.vocab_size)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -170,3 +195,22 @@ class Denoiser(nn.Module):
 
     def forward(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.out(self.hidden(zt, t))  # [B, L, V]
+
+    def masked_stats(self, zt: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                     w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the losses read, at the masked positions of zt only (0 elsewhere): log p(x_n | z_t)
+        and, given GenMD4's exponents w [V], sum_j w_j p_j(. | z_t); [B, L] each. The output layer
+        projects only the masked rows (about half), a chunk at a time: [B, L, V] never exists."""
+        B, L = zt.shape
+        masked = (zt == self.cfg.vocab_size).flatten()
+        count = CountLater(masked)  # before the trunk is queued: reading it costs the GPU nothing
+        # the masked rows first, without a host sync; the count says where they end
+        rows = torch.nonzero_static(masked, size=B * L, fill_value=0).squeeze(1)
+        h = self.hidden(zt, t).flatten(0, 1)
+        rows = rows[:count()]
+        lse, target, expected = self.out(h[rows], x.flatten()[rows], w)
+
+        def spread(v):  # the masked rows' values back in place, [B, L]
+            return v.new_zeros(B * L).index_copy(0, rows, v).view(B, L)
+
+        return spread(target - lse), (None if expected is None else spread(expected))

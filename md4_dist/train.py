@@ -23,7 +23,7 @@ from md4_dist.config import Config, ConfigError, load_config, save_config
 from md4_dist.data.manifest import ManifestError, load as load_manifest
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
 from md4_dist.strict_config import to_dict
-from md4_dist.trainer.ds_config import accumulation_steps
+from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precision
 
 
 def absolute(url: str) -> str:
@@ -43,6 +43,10 @@ def prepare(cfg: Config) -> Config:
             accumulation_steps(cfg, world)
         except ValueError as e:
             raise ConfigError(f"config key 'train.global_batch': {e}") from None
+        try:
+            check_gradient_precision(cfg, world)
+        except ValueError as e:
+            raise ConfigError(f"config key 'deepspeed.zero_stage': {e}") from None
     try:
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
     except ManifestError:

@@ -33,6 +33,8 @@ def test_unknown_schedule_and_bad_values_name_the_culprit():
         config_from_dict({"train": {"global_batch": 10, "micro_batch": 4}})
     with pytest.raises(ConfigError, match=r"'cluster\.num_workers'"):
         config_from_dict({"cluster": {"num_workers": [3, 1]}})
+    with pytest.raises(ConfigError, match=r"'optim\.warmup_steps'.*>= 1.*got 0"):
+        config_from_dict({"optim": {"warmup_steps": 0}})
 
 
 def test_overrides_parse_to_field_types():
@@ -91,13 +93,33 @@ def test_shipped_configs_load_and_fit_every_allowed_world_size(name, params, wor
     import torch
 
     from md4_dist.model import Denoiser
+    from md4_dist.output_head import padded_vocab
     from md4_dist.trainer.ds_config import accumulation_steps
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "configs", f"{name}.json"))
     with torch.device("meta"):  # counted without allocating 1.3B parameters
         count = sum(p.numel() for p in Denoiser(cfg.model).parameters())
+    count -= (padded_vocab(cfg.model.vocab_size) - cfg.model.vocab_size) * cfg.model.dim  # never read
     assert count == pytest.approx(params, rel=0.01)
     assert list(cfg.cluster.world_sizes) == workers
     for world in cfg.cluster.world_sizes:
         assert accumulation_steps(cfg, world) * cfg.train.micro_batch * world == cfg.train.global_batch
+
+
+def test_bf16_sums_gradients_in_fp32():
+    """bf16 runs keep fp32 master weights and sum micro-batch gradients in fp32; DeepSpeed's
+    stage 0 cannot, so it is refused where there is a sum to do."""
+    from md4_dist.trainer.ds_config import deepspeed_config
+
+    for stage in (1, 2, 3):
+        cfg = config_from_dict({}, [f"deepspeed.zero_stage={stage}", "deepspeed.precision=bf16"])
+        assert deepspeed_config(cfg, 1)["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = config_from_dict({}, ["deepspeed.precision=fp32"])
+    assert "data_types" not in deepspeed_config(fp32, 1)
+    stage0 = ["deepspeed.zero_stage=0", "deepspeed.precision=bf16", "train.micro_batch=16"]
+    one = config_from_dict({}, stage0 + ["train.global_batch=16"])
+    assert "data_types" not in deepspeed_config(one, 1)  # one micro-batch: nothing to sum
+    two = config_from_dict({}, stage0 + ["train.global_batch=32"])
+    with pytest.raises(ValueError, match="would sum the gradients of 2 micro-batches per step in bf16"):
+        deepspeed_config(two, 1)

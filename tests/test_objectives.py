@@ -217,3 +217,57 @@ def test_noise_by_rows_makes_the_split_irrelevant(kind, schedule):
     assert any(gr.abs().sum() > 0 for gr in grads_whole)
     with pytest.raises(ValueError, match="noise has t"):
         objective(cfg, den, sched, x[:4], noise=noise)
+
+
+@pytest.mark.parametrize("kind,schedule", [("md4", "cosine"), ("genmd4", "learnable_poly")])
+def test_masked_rows_path_equals_full_logits_path(kind, schedule, monkeypatch):
+    """Our denoiser's loss path (the output layer at the masked rows only, a few rows at a time,
+    `Denoiser.masked_stats`) gives the loss, the NELBO and every gradient of the plain path
+    through logits [B, L, V], in float64, across chunk boundaries."""
+    from md4_dist import output_head
+    from md4_dist.diffusion.forward import draw_noise
+
+    monkeypatch.setattr(output_head, "CHUNK", 7)  # many chunks, a short last one
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(kind=kind, schedule=schedule)
+    den = Denoiser(TINY).double()
+    sched = build_schedule(cfg, TINY.vocab_size).double()
+    with torch.no_grad():
+        for p in [*den.parameters(), *sched.parameters()]:
+            p.normal_(0, 0.3)  # the zero-initialised layers too
+    B, L = 4, 10
+    x = torch.randint(0, TINY.vocab_size, (B, L))
+    noise = draw_noise(B, L, 2 if kind == "genmd4" else 1, torch.Generator().manual_seed(1), "cpu", True)
+    params = [*den.parameters(), *sched.parameters()]
+
+    fused = objective(cfg, den, sched, x, noise=noise)
+    plain = objective(cfg, lambda zt, t: den(zt, t), sched, x, noise=noise)  # logits [B, L, V]
+    torch.testing.assert_close(fused.nelbo, plain.nelbo, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused.loss, params), torch.autograd.grad(plain.loss, params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_head_kernels_equal_eager():
+    """The output layer's reductions fused by torch.compile (what train.compile runs) give the
+    eager ones' values and logit gradients, at two row counts (the graph is dynamic in rows)."""
+    from md4_dist.output_head import HeadKernels, padded_vocab
+
+    eager, fused = HeadKernels(), HeadKernels(compiled=True)
+    V = 50
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(V, generator=g) + 0.5
+    for n in (37, 91):
+        logits = torch.randn(n, padded_vocab(V), generator=g) * 3
+        x = torch.randint(0, V, (n,), generator=g)
+        ups = [torch.randn(n, generator=g) for _ in range(3)]
+        for ww in (None, w):
+            want, got = eager.reduce(logits, x, ww, V), fused.reduce(logits, x, ww, V)
+            for a, b in zip(want, got):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            ew = want[2] if ww is not None else torch.zeros(n)
+            want = eager.grad(logits, x, ww, want[0], ew, *ups, V)
+            got = fused.grad(logits, x, ww, got[0], ew, *ups, V)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+            assert got[0][:, V:].abs().max() == 0  # the padding columns
+            if ww is not None:
+                torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)

@@ -127,6 +127,9 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket):
      "'train.global_batch': train.global_batch (24) is not divisible by train.micro_batch x workers (8 x 2)"),
     (["data.manifest=/nonexistent/ds", "data.synthetic=null"], "/nonexistent/ds/manifest.json does not exist"),
     (["model.vocab_size=65"], "vocab_size 64 disagrees with the model's model.vocab_size = 65"),
+    (["deepspeed.zero_stage=0", "deepspeed.precision=bf16", "train.micro_batch=8"],
+     "'deepspeed.zero_stage': deepspeed.zero_stage 0 with bf16 would sum the gradients of 2 "
+     "micro-batches per step in bf16 at 2 worker(s)"),
 ])
 def test_bad_config_fails_before_any_worker_starts(tmp_path, tiny_data, sets, message):
     t = time.monotonic()

@@ -57,9 +57,15 @@ def md4_diffusion_loss(logits, x, zt, t, schedule: MD4Schedule, timesteps: int |
         raise ValueError(f"md4_diffusion_loss needs an MD4 schedule, got {type(schedule).__name__}")
     V = _vocab(schedule, logits)
     _check(logits, x, zt, t, V)
-    dtype = _dtype(logits, t)
+    return md4_diffusion_loss_at(log_prob_of_data(logits, x, _dtype(logits, t)), zt == V, t,
+                                 schedule, timesteps)
+
+
+def md4_diffusion_loss_at(log_p_x, masked, t, schedule: MD4Schedule, timesteps: int | None = None):
+    """`md4_diffusion_loss` from log p(x_n | z_t) [B, L], read where `masked` [B, L] is True."""
+    dtype = _dtype(log_p_x, t)
     t = t.to(dtype)
-    masked_log_p = (log_prob_of_data(logits, x, dtype) * (zt == V)).sum(-1)  # [B], <= 0
+    masked_log_p = (log_p_x.to(dtype) * masked).sum(-1)  # [B], <= 0
     if timesteps is None:
         return schedule.weight(t) * masked_log_p
     if not isinstance(timesteps, int) or timesteps < 1:
@@ -94,12 +100,19 @@ def genmd4_diffusion_loss(logits, x, zt, t, schedule: LearnablePolySchedule):
     V = _vocab(schedule, logits)
     _check(logits, x, zt, t, V)
     dtype = _dtype(logits, t)
-    w = schedule.exponents(dtype)  # [V]
     log_p = torch.log_softmax(logits.to(dtype), dim=-1)  # [B, L, V]
     log_p_x = log_p.gather(-1, x[..., None]).squeeze(-1)  # [B, L]
-    expected_w = log_p.exp() @ w  # sum_j w_j p_j: [B, L]
-    integrand = w[x] * (-log_p_x - 1.0) + expected_w  # [B, L]
-    return (integrand * (zt == V)).sum(-1) / t.to(dtype)
+    expected_w = log_p.exp() @ schedule.exponents(dtype)  # sum_j w_j p_j: [B, L]
+    return genmd4_diffusion_loss_at(log_p_x, expected_w, x, zt == V, t, schedule)
+
+
+def genmd4_diffusion_loss_at(log_p_x, expected_w, x, masked, t, schedule: LearnablePolySchedule):
+    """`genmd4_diffusion_loss` from log p(x_n | z_t) and sum_j w_j p_j(. | z_t), each [B, L] and
+    read where `masked` [B, L] is True."""
+    dtype = _dtype(log_p_x, expected_w, t)
+    w = schedule.exponents(dtype)  # [V]
+    integrand = w[x] * (-log_p_x.to(dtype) - 1.0) + expected_w.to(dtype)  # [B, L]
+    return (integrand * masked).sum(-1) / t.to(dtype)
 
 
 def genmd4_recon_loss(x, schedule: LearnablePolySchedule, t1: float):

@@ -20,7 +20,8 @@ from md4_dist.diffusion import checks, losses
 from md4_dist.diffusion.forward import Noise, discretize_time, draw_noise, forward_sample
 from md4_dist.diffusion.schedules import LearnablePolySchedule, MaskingSchedule, MD4Schedule, build
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [B, L], t [B]) -> [B, L, V]
+# (z_t [B, L], t [B]) -> logits [B, L, V]; model.Denoiser's `masked_stats` is used when present
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -89,8 +90,11 @@ def md4_objective(denoiser: Denoiser, schedule: MD4Schedule, x: torch.Tensor, *,
     noise = _noise(noise, 1, x, generator, antithetic)
     t = discretize_time(noise.t, timesteps) if timesteps else noise.t
     zt = forward_sample(x, t, schedule, u=noise.u[0])
-    logits = denoiser(zt, t)  # [B, L, V]
-    diffusion = losses.md4_diffusion_loss(logits, x, zt, t, schedule, timesteps or None)  # [B]
+    if hasattr(denoiser, "masked_stats"):  # ours: the output layer at masked positions only
+        log_p_x, _ = denoiser.masked_stats(zt, t, x)
+        diffusion = losses.md4_diffusion_loss_at(log_p_x, zt == V, t, schedule, timesteps or None)
+    else:  # any callable giving logits [B, L, V]
+        diffusion = losses.md4_diffusion_loss(denoiser(zt, t), x, zt, t, schedule, timesteps or None)
     recon = losses.md4_recon_loss(schedule, L, V)
     nelbo = diffusion + recon
     loss = nelbo.mean()
@@ -111,7 +115,12 @@ def genmd4_objective(denoiser: Denoiser, schedule: LearnablePolySchedule, x: tor
     t = t1 + (1.0 - t1) * noise.t  # [B] in (t1, 1]
     x2, t2 = torch.cat([x, x]), torch.cat([t, t])
     zt2 = forward_sample(x2, t2, schedule, u=noise.u.reshape(2 * B, L))  # two masks: [2B, L]
-    per_sample = losses.genmd4_diffusion_loss(denoiser(zt2, t2), x2, zt2, t2, schedule)  # [2B]
+    if hasattr(denoiser, "masked_stats"):  # ours: the output layer at masked positions only
+        log_p_x, expected_w = denoiser.masked_stats(zt2, t2, x2, schedule.exponents())
+        masked = zt2 == schedule.vocab_size
+        per_sample = losses.genmd4_diffusion_loss_at(log_p_x, expected_w, x2, masked, t2, schedule)
+    else:  # any callable giving logits [B, L, V]
+        per_sample = losses.genmd4_diffusion_loss(denoiser(zt2, t2), x2, zt2, t2, schedule)  # [2B]
     loss1, loss2 = per_sample[:B], per_sample[B:]
     zt1, zt2 = zt2[:B], zt2[B:]
     rloo = losses.genmd4_rloo_term(x, zt1, zt2, t, schedule, loss1, loss2)

@@ -14,11 +14,28 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
     return cfg.train.global_batch // per_pass
 
 
+def check_gradient_precision(cfg: Config, world_size: int) -> None:
+    """bf16 trains with fp32 master weights, and sums micro-batch gradients in fp32 (ZeRO 1-3,
+    `data_types` below). DeepSpeed's stage-0 bf16 path can only sum them in bf16: refuse it when
+    there is more than one micro-batch per step to sum."""
+    steps = accumulation_steps(cfg, world_size)
+    if cfg.deepspeed.precision == "bf16" and cfg.deepspeed.zero_stage == 0 and steps > 1:
+        raise ValueError(
+            f"deepspeed.zero_stage 0 with bf16 would sum the gradients of {steps} micro-batches "
+            f"per step in bf16 at {world_size} worker(s) (DeepSpeed's stage-0 bf16 path); use "
+            "zero_stage 1 (on one GPU the same memory and speed), precision fp32, or a "
+            "global_batch of micro_batch x workers")
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    check_gradient_precision(cfg, world_size)
     o = cfg.optim
     zero = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
+        # DeepSpeed's own autograd linear re-gathers the weight for the backward; ZeRO-3's hooks
+        # already do, and torch.compile breaks its graphs at that function.
+        zero["memory_efficient_linear"] = False
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
     return {
@@ -28,6 +45,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": o.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        **({"data_types": {"grad_accum_dtype": "fp32"}}
+           if cfg.deepspeed.precision == "bf16" and cfg.deepspeed.zero_stage > 0 else {}),
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
             # FusedAdam needs CUDA; on CPU workers DeepSpeed builds torch.optim.AdamW
@@ -37,4 +56,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device twice per micro-step (the GPU
+        # drains while the host catches up); the loop measures throughput itself.
+        "timers": {"throughput": {"enabled": False}},
     }

@@ -23,6 +23,7 @@ from md4_dist.data import TokenStream, load_manifest, make_loader
 from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
+from md4_dist.model import Block
 from md4_dist.trainer.ds_config import deepspeed_config
 from md4_dist.trainer import checkpoint
 from md4_dist.trainer.ema import PartitionedEMA
@@ -41,6 +42,37 @@ def _eta(seconds: float) -> str:
 
 def _due(step: int, every: int, cfg: Config) -> bool:
     return every > 0 and (step % every == 0 or step == cfg.train.steps)
+
+
+def build_model(cfg: Config) -> DiffusionModel:
+    """The module DeepSpeed wraps, with the same initial weights on every rank."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    torch.manual_seed(cfg.train.seed)
+    model = DiffusionModel(cfg.model, cfg.diffusion)
+    if cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3 gathers a block's parameters together, in one pair of hooks per block rather
+        # than one per linear layer (whose host cost made ZeRO-3 far slower than ZeRO-0 on a
+        # GPU), and a block's forward, free of hooks, compiles into one graph.
+        set_z3_leaf_modules(model, [Block])
+    if cfg.train.compile != "off":
+        for block in model.denoiser.blocks:
+            # the forward only: ZeRO-3's hooks around it stay eager
+            block.forward = torch.compile(block.forward, mode=cfg.train.compile)
+        model.denoiser.out.compile()
+    return model
+
+
+def micro_step(engine, batch: dict, noise: NoiseByPosition, device: torch.device,
+               micro_batch: int) -> tuple[dict, int]:
+    """Forward, backward and (at the accumulation boundary) the optimizer step for one
+    micro-batch; returns the model's outputs and the rows the micro-batch held."""
+    inputs, rows = model_inputs(batch, noise, device)
+    out = engine(*inputs)
+    # a short micro-batch (rows of a skipped corrupt shard) weighs what it holds
+    engine.backward(out["loss"] * (rows / micro_batch))
+    engine.step()
+    return out, rows
 
 
 def train_loop(loop_config: dict) -> None:
@@ -64,8 +96,7 @@ def train_loop(loop_config: dict) -> None:
     ds_config = deepspeed_config(cfg, world)
     if found is not None and found[1]["world_size"] != world:
         ds_config["checkpoint"] = {"load_universal": True}
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = DiffusionModel(cfg.model, cfg.diffusion)
+    model = build_model(cfg)
     engine, _, _, lr_schedule = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config)
     accumulation = engine.gradient_accumulation_steps()
@@ -143,11 +174,7 @@ def train_loop(loop_config: dict) -> None:
                 reader_state = batch["state"]
                 if ledger is not None:
                     ids += batch["ids"].tolist()
-                inputs, rows = model_inputs(batch, noise, device)
-                out = engine(*inputs)
-                # a short micro-batch (rows of a skipped corrupt shard) weighs what it holds
-                engine.backward(out["loss"] * (rows / cfg.train.micro_batch))
-                engine.step()
+                out, rows = micro_step(engine, batch, noise, device, cfg.train.micro_batch)
                 sums += torch.stack([out["loss"].detach().double(), out["bits_per_token"].double(),
                                      torch.ones((), dtype=torch.float64, device=device)]) * rows
             if ema is not None:

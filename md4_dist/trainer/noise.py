@@ -35,7 +35,10 @@ class NoiseByPosition:
     def __call__(self, positions: torch.Tensor) -> Noise:
         """The Noise rows of these stream positions [b], a CPU tensor (the loader's)."""
         blocks = positions // self.block
-        rows = (positions % self.block).to(self.device)
+        rows = positions % self.block
+        if self.device.type == "cuda":  # from pinned memory the copy does not make the host wait
+            rows = rows.pin_memory()
+        rows = rows.to(self.device, non_blocking=True)
         if bool((blocks == blocks[0]).all()):
             return self._block(int(blocks[0])).rows(rows)
         # A micro-batch that spans two blocks: only when a run starts mid-block (a reader state

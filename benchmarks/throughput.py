@@ -1,0 +1,283 @@
+"""Training throughput on one GPU (a benchmark, not a test).
+
+    python benchmarks/throughput.py [--models md4-s genmd4-s genmd4-1.3b] [--paths trainer bare]
+        [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5] [--compile off|default|reduce-overhead]
+        [--profile [--sync-stacks]]
+
+Paths:
+- trainer: the step exactly as the trainer runs it: `DiffusionModel` in a DeepSpeed engine built
+  from our DeepSpeed config (the ZeRO stage given, bf16 with fp32 master weights, FusedAdam), one
+  `loop.micro_step` per micro-batch, noise keyed by stream position.
+- bare: the same model and objective in plain PyTorch: fp32 weights, bf16 autocast,
+  `torch.optim.AdamW(fused=True)`.
+Tokens/s counts clean tokens (batch x seq_len) per optimizer step time; GenMD4 runs each sequence
+twice (its two masks), which the FLOPs below count.
+
+MFU = tokens/s x FLOPs per token / peak, with the peak given by --peak-tflops (790: the bf16 dense
+product measured on the H100) and the model FLOPs per clean token of forward and backward:
+    masks x (6 x P + 12 x n_layers x L x d)
+P = the matrix parameters (attention, MLP and output projections; not the embedding lookup or
+the adaLN layers), 12 n_layers L d = attention scores and values. This counts the output layer at
+every position, as the model defines it; the trainer projects only masked positions, so the
+FLOPs it executes are lower, and MFU by this count rises with that saving.
+
+Step times come from CUDA events recorded between steps (no host wait inside the timed window).
+--profile adds, per run, the top kernels of 3 steps, the GPU's busy share and the host's waits
+for the GPU; --sync-stacks, where in the Python code each wait comes from.
+Writes one JSON per run to benchmarks/results/ and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from md4_dist.config import Config, config_from_dict  # noqa: E402
+from md4_dist.diffusion.checks import value_checks  # noqa: E402
+from md4_dist.diffusion.objectives import DiffusionConfig, masks_per_sequence  # noqa: E402
+from md4_dist.model import ModelConfig  # noqa: E402
+from md4_dist.trainer.module import DiffusionModel  # noqa: E402
+from md4_dist.trainer.noise import TRAIN, NoiseByPosition  # noqa: E402
+
+SHAPES = {  # the OpenWebText shape of the paper, and the ~1.3B preset of configs/owt_large.json
+    "md4-s": (ModelConfig(), DiffusionConfig(kind="md4", schedule="linear")),
+    "genmd4-s": (ModelConfig(), DiffusionConfig(kind="genmd4", schedule="learnable_poly")),
+    "genmd4-1.3b": (ModelConfig(dim=2048, n_layers=22, n_heads=16),
+                    DiffusionConfig(kind="genmd4", schedule="learnable_poly")),
+}
+SEQ_LEN = 1024
+
+
+def matrix_params(m: ModelConfig) -> int:
+    per_layer = 4 * m.dim * m.dim + 3 * m.dim * m.hidden
+    return m.n_layers * per_layer + m.vocab_size * m.dim
+
+
+def flops_per_token(m: ModelConfig, d: DiffusionConfig, seq_len: int) -> float:
+    return masks_per_sequence(d) * (6 * matrix_params(m) + 12 * m.n_layers * seq_len * m.dim)
+
+
+def config(name: str, zero: int, batch: int, compile_: str) -> Config:
+    m, d = SHAPES[name]
+    return config_from_dict({
+        "model": vars(m) | {"mlp_type": m.mlp_type}, "diffusion": vars(d),
+        "data": {"manifest": "unused", "seq_len": SEQ_LEN},
+        "train": {"global_batch": batch, "micro_batch": batch, "steps": 10**6, "ema": 0.0,
+                  "compile": compile_},
+        "optim": {"lr": 1e-4, "warmup_steps": 10},
+        "cluster": {"num_workers": 1, "use_gpu": True},
+        "deepspeed": {"zero_stage": zero, "precision": "bf16"},
+    })
+
+
+def batches(cfg: Config, device):
+    """Random tokens with their stream positions, as the reader hands them out."""
+    g = torch.Generator().manual_seed(0)
+    position = 0
+    while True:
+        B = cfg.train.micro_batch
+        yield {"tokens": torch.randint(0, cfg.model.vocab_size, (B, SEQ_LEN), generator=g).pin_memory(),
+               "positions": torch.arange(position, position + B)}
+        position += B
+
+
+def run_trainer(cfg: Config, args) -> list[float]:
+    import deepspeed
+
+    from md4_dist.trainer.ds_config import deepspeed_config
+    from md4_dist.trainer.loop import build_model, micro_step
+
+    deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
+    device = torch.device("cuda", 0)
+    model = build_model(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, 1))
+    noise = NoiseByPosition(0, TRAIN, cfg.train.global_batch, SEQ_LEN,
+                            masks_per_sequence(cfg.diffusion), True, device)
+    data = batches(cfg, device)
+    return timed(lambda: micro_step(engine, next(data), noise, device, cfg.train.micro_batch), args)
+
+
+def run_bare(cfg: Config, args) -> list[float]:
+    from md4_dist.trainer.loop import build_model
+    from md4_dist.trainer.module import model_inputs
+
+    device = torch.device("cuda", 0)
+    model = build_model(cfg).to(device)  # ZeRO-0 config: no DeepSpeed in it
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    noise = NoiseByPosition(0, TRAIN, cfg.train.global_batch, SEQ_LEN,
+                            masks_per_sequence(cfg.diffusion), True, device)
+    data = batches(cfg, device)
+
+    def step():
+        inputs, _ = model_inputs(next(data), noise, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(*inputs)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, args)
+
+
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profiled(step, steps: int = 3, stacks: bool = False) -> None:
+    """Where the time goes, over a few steps: the top kernels, the GPU's busy share of the wall
+    time, and the calls by which the host waited for the GPU (with --sync-stacks, where from)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - began
+    table = prof.key_averages()
+    print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
+    gpu = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    waits = {e.key: e.count for e in table if e.key in SYNCS}
+    print(f"profile: {steps} steps in {wall * 1e3:.1f} ms wall, kernels {gpu * 1e3:.1f} ms "
+          f"({gpu / wall:.0%} busy); host waits for the GPU over {steps} steps (the profiler's "
+          f"own closing synchronize included): {waits}", file=sys.stderr)
+    if stacks:  # one more step, with PyTorch reporting each synchronizing call and its caller
+        import collections
+        import traceback
+        import warnings
+
+        seen = collections.Counter()
+
+        def record(*_args, **_kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+            seen["\n    ".join(f"{f.filename}:{f.lineno} {f.name}" for f in frames[-6:])] += 1
+
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            step()
+        torch.cuda.set_sync_debug_mode("default")
+        for where, n in seen.most_common():
+            print(f"{n} synchronizing call(s) in one step from:\n    {where}", file=sys.stderr)
+
+
+def timed(step, args) -> list[float]:
+    """Step times from CUDA events recorded between steps: the host never waits inside the
+    window, so it may queue ahead as in training. Value checks off, as in the trainer's loop."""
+    with value_checks(False):
+        return _timed(step, args)
+
+
+def _timed(step, args) -> list[float]:
+    for _ in range(args.warmup):
+        step()
+    if args.profile:
+        profiled(step, stacks=args.sync_stacks)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+    marks[0].record()
+    for i in range(args.steps):
+        step()
+        marks[i + 1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+
+
+def set_up_distributed() -> None:
+    """The environment of a one-process torch.distributed group, for DeepSpeed."""
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["md4-s", "genmd4-s"], choices=SHAPES)
+    ap.add_argument("--paths", nargs="+", default=["trainer", "bare"], choices=["trainer", "bare"])
+    ap.add_argument("--zero", nargs="+", type=int, default=[0, 1, 3])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"],
+                    help="train.compile: torch.compile the blocks and the output layer's reductions")
+    ap.add_argument("--profile", action="store_true", help="profile 3 steps: top kernels, GPU busy "
+                    "share, host waits")
+    ap.add_argument("--sync-stacks", action="store_true", help="with --profile: where each wait is")
+    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--one", nargs=3, metavar=("MODEL", "PATH", "ZERO"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/throughput.py measures GPU training throughput and needs a CUDA device; "
+              "none is visible here: run it on a machine with an NVIDIA GPU", file=sys.stderr)
+        return 2
+    set_up_distributed()
+    if args.one:  # one measurement in this process, its JSON on the last line
+        name, path, zero = args.one
+        cfg = config(name, int(zero), args.batch, args.compile)
+        times = (run_trainer if path == "trainer" else run_bare)(cfg, args)
+        print(json.dumps({"times": times, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}))
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    device_name = torch.cuda.get_device_name(0)
+    command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    for name in args.models:
+        for path in args.paths:
+            for zero in (args.zero if path == "trainer" else [0]):
+                # A process each: a clean GPU for the peak memory, an out-of-memory one stays one row.
+                one = [sys.executable, __file__, "--one", name, path, str(zero), "--batch", str(args.batch),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
+                    ["--compile", args.compile] + (["--profile"] if args.profile else []) + \
+                    (["--sync-stacks"] if args.sync_stacks else [])
+                r = subprocess.run(one, capture_output=True, text=True)
+                if r.returncode != 0:
+                    tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
+                    print(f"{name:12s} {path:8s} zero={zero}  failed: {' | '.join(tail)}", flush=True)
+                    continue
+                if args.profile:
+                    print(r.stderr[r.stderr.find("----"):], flush=True)
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                times, cfg = got["times"], config(name, zero, args.batch, args.compile)
+                med = statistics.median(times)
+                tokens = args.batch * SEQ_LEN / med
+                result = {
+                    "model": name, "path": path, "zero_stage": zero if path == "trainer" else None,
+                    "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
+                    "compile": args.compile, "tokens_per_s": tokens, "step_s_median": med,
+                    "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
+                    "peak_mem_gb": got["peak_mem_gb"],
+                    "mfu": tokens * flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (args.peak_tflops * 1e12),
+                    "date": datetime.date.today().isoformat(), "command": command,
+                }
+                stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+                tag = f"zero{zero}" if path == "trainer" else "torch"
+                with open(os.path.join(args.out, f"{name}-{path}-{tag}-{stamp}.json"), "w") as f:
+                    json.dump(result, f, indent=1)
+                print(f"{name:12s} {path:8s} {tag:6s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
+                      f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})  "
+                      f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
