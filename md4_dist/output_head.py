@@ -12,9 +12,9 @@ aligned leading dimensions, and V = 50257 is odd (unaligned, the projection ran 
 on an H100). Logits past V are never read; the padding rows get zero gradient.
 
 The logits are produced in the weight's dtype (bf16 in training) and reduced in float32 (float64
-for float64 input). The reductions are plain tensor functions; `HeadKernels(compiled=True)` fuses
-each into a few kernels with torch.compile, so a chunk's logits are read twice in the forward
-and once in the backward instead of once per elementwise op.
+for float64 input). The reductions are plain tensor functions; `HeadKernels(compiled=True)`
+(train.compile) fuses each into a few kernels with torch.compile instead of one pass over the
+logits per elementwise op.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ class HeadKernels:
     """The two reductions, eager or compiled (dynamic in the row count, which varies per step)."""
 
     def __init__(self, compiled: bool = False):
-        self.compiled = compiled
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compiled else (lambda f: f)
         self.reduce, self.grad = wrap(reduce_logits), wrap(grad_logits)
 
