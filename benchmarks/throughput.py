@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--models md4-s genmd4-s genmd4-1.3b] [--paths trainer bare]
         [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5] [--compile off|default|reduce-overhead]
-        [--profile [--sync-stacks]]
+        [--profile [--sync-stacks]] [--set KEY=VALUE ...]
 
 Paths:
 - trainer: the step exactly as the trainer runs it: `DiffusionModel` in a DeepSpeed engine built
@@ -69,7 +69,8 @@ def flops_per_token(m: ModelConfig, d: DiffusionConfig, seq_len: int) -> float:
     return masks_per_sequence(d) * (6 * matrix_params(m) + 12 * m.n_layers * seq_len * m.dim)
 
 
-def config(name: str, zero: int, batch: int, compile_: str) -> Config:
+def config(name: str, zero: int, batch: int, compile_: str, sets: list[str] = ()) -> Config:
+    """The run's config; `sets` are `--set`-style overrides (e.g. deepspeed.persistence_threshold=0)."""
     m, d = SHAPES[name]
     return config_from_dict({
         "model": vars(m) | {"mlp_type": m.mlp_type}, "diffusion": vars(d),
@@ -79,7 +80,7 @@ def config(name: str, zero: int, batch: int, compile_: str) -> Config:
         "optim": {"lr": 1e-4, "warmup_steps": 10},
         "cluster": {"num_workers": 1, "use_gpu": True},
         "deepspeed": {"zero_stage": zero, "precision": "bf16"},
-    })
+    }, list(sets))
 
 
 def batches(cfg: Config, device):
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
                     help="train.compile: torch.compile the blocks and the output layer's reductions")
     ap.add_argument("--profile", action="store_true", help="profile 3 steps: top kernels, GPU busy "
                     "share, host waits")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run, as train's --set")
     ap.add_argument("--sync-stacks", action="store_true", help="with --profile: where each wait is")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
     set_up_distributed()
     if args.one:  # one measurement in this process, its JSON on the last line
         name, path, zero = args.one
-        cfg = config(name, int(zero), args.batch, args.compile)
+        cfg = config(name, int(zero), args.batch, args.compile, args.set)
         times = (run_trainer if path == "trainer" else run_bare)(cfg, args)
         print(json.dumps({"times": times, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}))
         return 0
@@ -247,7 +250,8 @@ def main(argv=None) -> int:
                 # A process each: a clean GPU for the peak memory, an out-of-memory one stays one row.
                 one = [sys.executable, __file__, "--one", name, path, str(zero), "--batch", str(args.batch),
                        "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
-                    ["--compile", args.compile] + (["--profile"] if args.profile else []) + \
+                    ["--compile", args.compile] + [f"--set={s}" for s in args.set] + \
+                    (["--profile"] if args.profile else []) + \
                     (["--sync-stacks"] if args.sync_stacks else [])
                 r = subprocess.run(one, capture_output=True, text=True)
                 if r.returncode != 0:
@@ -257,13 +261,13 @@ def main(argv=None) -> int:
                 if args.profile:
                     print(r.stderr[r.stderr.find("----"):], flush=True)
                 got = json.loads(r.stdout.strip().splitlines()[-1])
-                times, cfg = got["times"], config(name, zero, args.batch, args.compile)
+                times, cfg = got["times"], config(name, zero, args.batch, args.compile, args.set)
                 med = statistics.median(times)
                 tokens = args.batch * SEQ_LEN / med
                 result = {
                     "model": name, "path": path, "zero_stage": zero if path == "trainer" else None,
                     "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
-                    "compile": args.compile, "tokens_per_s": tokens, "step_s_median": med,
+                    "compile": args.compile, "overrides": args.set, "tokens_per_s": tokens, "step_s_median": med,
                     "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
                     "peak_mem_gb": got["peak_mem_gb"],
                     "mfu": tokens * flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (args.peak_tflops * 1e12),
