@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -38,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import SEQ_LEN, SHAPES, config, set_up_distributed  # noqa: E402
+from throughput import SEQ_LEN, SHAPES, batches, config, require_gpu, set_up_distributed, trainer_engine  # noqa: E402,E501
 
 from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import masks_per_sequence, objective  # noqa: E402
@@ -59,16 +60,7 @@ def weights(cfg) -> DiffusionModel:
 
 
 def bf16_against_fp32(cfg, model, x, noise, want: float) -> dict:
-    import deepspeed
-
-    from md4_dist.trainer.ds_config import deepspeed_config
-    from md4_dist.trainer.loop import build_model
-
-    deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
-    module = build_model(cfg)  # the trainer's module (compiled with --compile) ...
-    module.load_state_dict(model.state_dict())  # ... with these weights
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                      config=deepspeed_config(cfg, 1))
+    engine = trainer_engine(cfg, model.state_dict())  # compiled as --compile says
     dev = engine.device
     got = engine(x.to(dev), noise.t.to(dev), noise.u.to(dev))["loss"].item()
     rel = abs(got - want) / abs(want)
@@ -77,19 +69,10 @@ def bf16_against_fp32(cfg, model, x, noise, want: float) -> dict:
 
 
 def train_losses(cfg, model, steps: int) -> list[float]:
-    import dataclasses
-
-    import deepspeed
-
-    from throughput import batches
-    from md4_dist.trainer.ds_config import deepspeed_config
-    from md4_dist.trainer.loop import build_model, micro_step
+    from md4_dist.trainer.loop import micro_step
 
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3, warmup_steps=1))
-    module = build_model(cfg)
-    module.load_state_dict(model.state_dict())
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                      config=deepspeed_config(cfg, 1))
+    engine = trainer_engine(cfg, model.state_dict())
     noise = NoiseByPosition(0, TRAIN, cfg.train.global_batch, SEQ_LEN, masks_per_sequence(cfg.diffusion),
                             True, engine.device)
     data = batches(cfg, engine.device)
@@ -108,12 +91,12 @@ def compiled_against_eager(name, zero, batch, mode, model) -> dict:
 
 
 def masked_against_full(cfg, model, x, noise) -> dict:
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 proper
     m = copy.deepcopy(model).cuda()
     params = list(m.parameters())
-    args = dict(noise=type(noise)(noise.t.cuda(), noise.u.cuda()))
-    fused = objective(cfg.diffusion, m.denoiser, m.schedule, x.cuda(), **args)
-    plain = objective(cfg.diffusion, lambda zt, t: m.denoiser(zt, t), m.schedule, x.cuda(), **args)
+    noise = type(noise)(noise.t.cuda(), noise.u.cuda())
+    fused = objective(cfg.diffusion, m.denoiser, m.schedule, x.cuda(), noise=noise)
+    plain = objective(cfg.diffusion, lambda zt, t: m.denoiser(zt, t), m.schedule, x.cuda(), noise=noise)
     loss_rel = ((fused.loss - plain.loss).abs() / plain.loss.abs()).item()
     worst = 0.0
     for a, b in zip(torch.autograd.grad(fused.loss, params, allow_unused=True),
@@ -133,9 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/gpu_check.py checks the GPU training step and needs a CUDA device; none "
-              "is visible here: run it on a machine with an NVIDIA GPU", file=sys.stderr)
+    if not require_gpu("benchmarks/gpu_check.py checks the GPU training step"):
         return 2
     set_up_distributed()
     os.makedirs(args.out, exist_ok=True)

@@ -48,7 +48,6 @@ from md4_dist.config import Config, config_from_dict  # noqa: E402
 from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import DiffusionConfig, masks_per_sequence  # noqa: E402
 from md4_dist.model import ModelConfig  # noqa: E402
-from md4_dist.trainer.module import DiffusionModel  # noqa: E402
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition  # noqa: E402
 
 SHAPES = {  # the OpenWebText shape of the paper, and the ~1.3B preset of configs/owt_large.json
@@ -94,17 +93,36 @@ def batches(cfg: Config, device):
         position += B
 
 
-def run_trainer(cfg: Config, args) -> list[float]:
+def require_gpu(what: str) -> bool:
+    if torch.cuda.is_available():
+        return True
+    print(f"{what} and needs a CUDA device; none is visible here: run it on a machine with an "
+          "NVIDIA GPU", file=sys.stderr)
+    return False
+
+
+def trainer_engine(cfg: Config, state_dict: dict | None = None):
+    """The trainer's DeepSpeed engine on this GPU: its module (`loop.build_model`, with these
+    weights when given) under our DeepSpeed config."""
     import deepspeed
 
     from md4_dist.trainer.ds_config import deepspeed_config
-    from md4_dist.trainer.loop import build_model, micro_step
+    from md4_dist.trainer.loop import build_model
 
     deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
-    device = torch.device("cuda", 0)
     model = build_model(cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, 1))
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=deepspeed_config(cfg, 1))
+    return engine
+
+
+def run_trainer(cfg: Config, args) -> list[float]:
+    from md4_dist.trainer.loop import micro_step
+
+    engine = trainer_engine(cfg)
+    device = engine.device
     noise = NoiseByPosition(0, TRAIN, cfg.train.global_batch, SEQ_LEN,
                             masks_per_sequence(cfg.diffusion), True, device)
     data = batches(cfg, device)
@@ -229,9 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "PATH", "ZERO"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/throughput.py measures GPU training throughput and needs a CUDA device; "
-              "none is visible here: run it on a machine with an NVIDIA GPU", file=sys.stderr)
+    if not require_gpu("benchmarks/throughput.py measures GPU training throughput"):
         return 2
     set_up_distributed()
     if args.one:  # one measurement in this process, its JSON on the last line

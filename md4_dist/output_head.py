@@ -109,9 +109,10 @@ class _HeadStats(torch.autograd.Function):
                 grad_h[s] = g @ weight
             if ctx.needs_input_grad[1]:
                 part = g.t() @ h[s]  # [V_pad, D]
-                # one chunk: the product's own dtype; several: summed in float32
-                grad_weight = part if N <= ctx.chunk else (
-                    part.to(acc) if grad_weight is None else grad_weight.add_(part))
+                if N <= ctx.chunk:  # one chunk: the product as it is
+                    grad_weight = part
+                else:  # several: summed in float32
+                    grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)
             if grad_w is not None:
                 grad_w += gw
         if grad_weight is None and ctx.needs_input_grad[1]:
