@@ -48,7 +48,7 @@ def wait_for_checkpoint(run_dir, name, proc, timeout=600):
     snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + timeout
     while not (snapshot.exists() and name in snapshot.read_text()):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert proc.poll() is None, f"the run ended before {name}"
         assert time.monotonic() < deadline, f"no {name} in {snapshot} after {timeout} s"
         time.sleep(0.05)
 
@@ -168,7 +168,8 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_
 def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monkeypatch):
     """`cluster.num_workers: [1, 2]` on a Ray cluster of two 1-CPU nodes: a node drained for
     preemption after the first checkpoint, the run saves a checkpoint at once; the node removed,
-    the run goes on with 1 worker from that checkpoint; the node added back, it grows to 2 again. The
+    the run goes on with 1 worker from that checkpoint; the node added back once that worker has
+    saved a checkpoint of its own, the run grows to 2 again from it. The
     effective ledger holds the stream's order exactly once, and the loss curve has no jump."""
     from ray.cluster_utils import Cluster
 
@@ -200,6 +201,11 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
             wait_for_checkpoint(run_dir, f"checkpoint-{saved:08d}", proc)  # committed, then gone
             cluster.remove_node(nodes[1])
             wait_for_line(log_path, "(2 workers then, 1 now)", proc)
+            # The node comes back only once the 1-worker group has committed a checkpoint: a group
+            # that grows before that resumes from the 2-worker checkpoint ("2 workers then, 2 now").
+            shrunk = int(log_path.read_text().split("(2 workers then, 1 now)")[0]
+                         .rsplit("resuming after step ", 1)[1].split()[0])
+            wait_for_checkpoint(run_dir, f"checkpoint-{(shrunk // 20 + 1) * 20:08d}", proc)
             cluster.add_node(num_cpus=1)
             wait_for_line(log_path, "(1 workers then, 2 now)", proc)
             assert proc.wait(timeout=900) == 0, log_path.read_text()[-4000:]
