@@ -184,7 +184,9 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
         cluster.wait_for_nodes()
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)
         run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
-        cmd = command(run_dir, tiny_data, "train.steps=400", "logging.every=10", "eval.every=0",
+        # 600 steps: the 1-worker group runs about 13 steps/s here, so the growth (a node start,
+        # Ray's resize check, a restart) has over 30 s before the run would end without it.
+        cmd = command(run_dir, tiny_data, "train.steps=600", "logging.every=10", "eval.every=0",
                       "checkpoint.every=20", "cluster.num_workers=[1, 2]", "cluster.resize_check_s=5",
                       "data.record_sample_ids=true")
         with open(log_path, "w") as log:
@@ -217,9 +219,9 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
                for line in log.splitlines() if "(2 workers then, 1 now)" in line]
     assert resumed and resumed[0] >= saved >= 20, "nothing before the preemption's checkpoint is lost"
     got = records(run_dir)
-    assert [r["step"] for r in got] == list(range(10, 401, 10))
+    assert [r["step"] for r in got] == list(range(10, 601, 10))
     jumps = [abs(a["nelbo_bits_per_token"] - b["nelbo_bits_per_token"]) for a, b in zip(got, got[1:])]
     assert max(jumps) < 0.5, jumps
     lines = ledger_lines(run_dir)
     assert {e["world_size"] for e in lines} == {1, 2}
-    assert_exactly_once(lines, tiny_data, 400)
+    assert_exactly_once(lines, tiny_data, 600)
