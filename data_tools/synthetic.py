@@ -5,10 +5,12 @@
 
 Each row of the transition matrix has a few random successors with random weights (plus the
 successor i + 1 mod V, which makes the chain irreducible, and a self-loop at 0, which makes it
-aperiodic). Every sequence starts from the stationary distribution pi, so each is an independent
-draw with entropy H(X1) + (L - 1) H(X2 | X1); the manifest's `entropy_bits_per_token` is that
-over L, in bits, computed exactly from the chain. A perfect model's NELBO reaches it, never less.
-Same arguments, same bytes.
+aperiodic); `--floor F` mixes each row with the uniform distribution at weight F, so that every
+sequence is possible (a sample's log-likelihood under the chain is finite). Every sequence starts
+from the stationary distribution pi, so each is an independent draw with entropy
+H(X1) + (L - 1) H(X2 | X1); the manifest's `entropy_bits_per_token` is that over L, in bits,
+computed exactly from the chain. A perfect model's NELBO reaches it, never less. Same arguments,
+same bytes.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from md4_dist.data.manifest import Manifest, save, token_dtype
 
 
 class MarkovChain:
-    def __init__(self, vocab_size: int, seed: int, successors: int = 4):
+    def __init__(self, vocab_size: int, seed: int, successors: int = 4, floor: float = 0.0):
         if vocab_size < 2:
             raise ValueError(f"--vocab-size must be >= 2, got {vocab_size}")
+        if not 0 <= floor < 1:
+            raise ValueError(f"--floor must lie in [0, 1), got {floor}")
         rng = np.random.default_rng([seed, 0])
         V = vocab_size
         P = np.zeros((V, V))
@@ -36,7 +40,8 @@ class MarkovChain:
             P[i, succ] = rng.uniform(0.1, 1.0, size=len(succ))
             P[i, (i + 1) % V] += rng.uniform(0.1, 1.0)
         P[0, 0] += 0.5
-        self.P = P / P.sum(1, keepdims=True)  # [V, V], rows sum to 1
+        # floor > 0 mixes every row with the uniform distribution: every sequence is possible
+        self.P = (1 - floor) * P / P.sum(1, keepdims=True) + floor / V  # [V, V], rows sum to 1
         # Stationary distribution: the left eigenvector of P for eigenvalue 1.
         w, vecs = np.linalg.eig(self.P.T)
         pi = np.real(vecs[:, np.argmin(np.abs(w - 1))])
@@ -70,13 +75,16 @@ def main(argv=None) -> int:
     ap.add_argument("--num-sequences", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--successors", type=int, default=4, help="random successors per token")
+    ap.add_argument("--floor", type=float, default=0.0,
+                    help="weight of the uniform distribution mixed into every transition (> 0: "
+                         "every sequence has a finite log-likelihood)")
     add_output_args(ap)
     args = ap.parse_args(argv)
     check_output_args(ap, args)
     if args.num_sequences < 1:
         ap.error("--num-sequences must be >= 1")
 
-    chain = MarkovChain(args.vocab_size, args.seed, args.successors)
+    chain = MarkovChain(args.vocab_size, args.seed, args.successors, args.floor)
     n_val = round(args.val_fraction * args.num_sequences)
     counts = {"train": args.num_sequences - n_val, "val": n_val}
     dtype = token_dtype(args.vocab_size)
@@ -96,7 +104,8 @@ def main(argv=None) -> int:
     manifest = Manifest(
         vocab_size=args.vocab_size, seq_len=args.seq_len, dtype=dtype, splits=splits,
         entropy_bits_per_token=chain.entropy_bits_per_token(args.seq_len),
-        created_by={"tool": "data_tools.synthetic", "seed": args.seed, "successors": args.successors})
+        created_by={"tool": "data_tools.synthetic", "seed": args.seed, "successors": args.successors,
+                    "floor": args.floor})
     url = save(manifest, args.out)
     print(f"wrote {args.num_sequences} sequences ({', '.join(f'{k}: {v.sequences}' for k, v in splits.items())}); "
           f"entropy {manifest.entropy_bits_per_token:.4f} bits/token; manifest {url}")

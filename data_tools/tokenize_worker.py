@@ -17,10 +17,14 @@ def init(model_proto: bytes) -> None:
 
 
 def encode(docs: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    return encode_with(_SP, docs)
+
+
+def encode_with(sp: spm.SentencePieceProcessor, docs: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Token ids of a batch of documents, each followed by EOS, concatenated; each document's
     length in tokens (EOS included) and in UTF-8 bytes."""
-    ids = _SP.encode(docs, num_threads=1)  # one core per worker: --workers W uses W cores
+    ids = sp.encode(docs, num_threads=1)  # one core per worker: --workers W uses W cores
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    flat = np.insert(body, np.cumsum(lengths), _SP.eos_id())  # EOS after each document
+    flat = np.insert(body, np.cumsum(lengths), sp.eos_id())  # EOS after each document
     return flat, lengths + 1, [len(d.encode("utf-8")) for d in docs]

@@ -139,10 +139,21 @@ class DeepSpeedConfig:
 @dataclass
 class LoggingConfig:
     every: int = 100  # steps between metrics.jsonl / TensorBoard records
+    # Samples in TensorBoard's text tab every `sample_every` steps (0: never) and at the end, drawn
+    # with the EMA weights (when train.ema > 0) by the ancestral sampler, decoded with the data's
+    # tokenizer (token ids for a corpus without one).
+    sample_every: int = 0
+    samples: int = 4
+    sample_steps: int = 128  # denoising steps per sample
 
     def __post_init__(self):
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every must be >= 0, got {self.sample_every}")
+        if self.samples < 1 or self.sample_steps < 1:
+            raise ValueError(f"samples and sample_steps must be >= 1, got {self.samples} and "
+                             f"{self.sample_steps}")
 
 
 @dataclass

@@ -35,6 +35,10 @@ def test_unknown_schedule_and_bad_values_name_the_culprit():
         config_from_dict({"cluster": {"num_workers": [3, 1]}})
     with pytest.raises(ConfigError, match=r"'optim\.warmup_steps'.*>= 1.*got 0"):
         config_from_dict({"optim": {"warmup_steps": 0}})
+    with pytest.raises(ConfigError, match=r"'logging\.sample_every': sample_every must be >= 0, got -1"):
+        config_from_dict({"logging": {"sample_every": -1}})
+    with pytest.raises(ConfigError, match=r"'logging\.samples'.*>= 1"):
+        config_from_dict({"logging": {"samples": 0}})
 
 
 def test_overrides_parse_to_field_types():

@@ -55,8 +55,12 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     assert last["val_nelbo_bits_per_token"] < 6 - 1.0, "far below log2(64) = 6"
     assert last["nelbo_bits_per_token"] < got[0]["nelbo_bits_per_token"]
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
+    # tiny.json's samples (logging.sample_every), in the text tab: 4 of 64 token ids
+    samples = acc.Tensors("samples/text_summary")
+    assert [e.step for e in samples] == [150, 300]
+    assert samples[-1].tensor_proto.string_val[0].decode().count("**sample ") == 4
     for key in ("loss", "nelbo_bits_per_token", "lr", "tokens_per_s", "exponent_mean"):
         events = acc.Scalars(key)
         assert [e.step for e in events] == [rec["step"] for rec in got]
@@ -93,9 +97,9 @@ def test_one_worker_follows_two_workers(tmp_path, tiny_data):
     assert one[-1]["nelbo_bits_per_token"] < one[0]["nelbo_bits_per_token"] - 0.05
 
 
-def test_run_directory_and_data_on_s3(tmp_path, s3_bucket):
+def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     """Data and run directory on S3 (a moto server on 127.0.0.1): config.json, metrics.jsonl and
-    TensorBoard's event files end up in the bucket."""
+    TensorBoard's event files end up in the bucket; its checkpoint evaluates and exports from there."""
     import fsspec
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -116,6 +120,27 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [5, 10]
+
+    # the checkpoint read back from the bucket, consolidated in one process, and exported to it
+    from md4_dist import load_pretrained
+    from md4_dist.cli import run as run_cli
+    from md4_dist.evaluate import main as evaluate
+    from md4_dist.export import main as export
+
+    import torch
+
+    from md4_dist.consolidate import open_checkpoint
+
+    assert run_cli(export, ["--checkpoint", run_dir, "--out", f"{s3_bucket}/exported"]) == 0
+    got = load_pretrained(f"{s3_bucket}/exported").model.state_dict()
+    with open_checkpoint(run_dir) as ckpt:
+        assert ckpt.url.startswith(f"{run_dir}/checkpoints/checkpoint-00000010-")
+        want = ckpt.weights()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    capsys.readouterr()
+    assert run_cli(evaluate, ["--checkpoint", run_dir, "--max-sequences", "20"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["sequences"] == 20 and res["step"] == 10 and res["data"] == f"{data}/manifest.json"
 
     again = train(f"train.run_dir={run_dir}", f"data.manifest={data}")
     assert again.returncode == 2 and "holds a run with another config" in again.stderr

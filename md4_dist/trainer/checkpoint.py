@@ -8,7 +8,8 @@ an attempt that died mid-save never mix into a later checkpoint of the same step
 removes them.
 
     checkpoint-00000100-<attempt>/
-      state.json                   step, samples seen, reader state, world size, config (rank 0)
+      state.json                   step, samples seen, reader state, world size, config, the
+                                   data's tokenizer record and EOS id (rank 0)
       rank-00000.pt ...            each rank's EMA share, metric sums, RNG states
       step/                        DeepSpeed's own: ZeRO shards, model states, LR schedule
 """

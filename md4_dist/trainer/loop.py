@@ -31,6 +31,7 @@ from md4_dist.trainer.evaluate import Evaluator
 from md4_dist.trainer.metrics import MetricsWriter, SampleLedger
 from md4_dist.trainer.module import DiffusionModel, model_inputs
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
+from md4_dist.trainer import samples
 from md4_dist.trainer.stop import StopWatch
 
 
@@ -140,6 +141,10 @@ def train_loop(loop_config: dict) -> None:
     noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
                             masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, device)
     evaluate = Evaluator(cfg, manifest, rank, world, device) if cfg.eval.every else None
+    tokenizer = None
+    if cfg.logging.sample_every and rank == 0 and manifest.tokenizer is not None:
+        from md4_dist.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(manifest.tokenizer, storage=cfg.storage)
 
     attempt = torch.tensor([time.time_ns()], device=device)  # rank 0's clock names this attempt
     dist.broadcast(attempt, 0)
@@ -153,7 +158,9 @@ def train_loop(loop_config: dict) -> None:
         cost = checkpoint.save(
             engine, step,
             state={"samples_seen": step * cfg.train.global_batch, "reader": reader_state,
-                   "world_size": world, "config": loop_config["config"]},
+                   "world_size": world, "config": loop_config["config"],
+                   # what evaluate, sample and export need of the data: its tokenizer
+                   "tokenizer": manifest.tokenizer, "eos_id": manifest.eos_id},
             rank_state={"sums": sums.cpu(), "ema": ema.state_dict() if ema else None,
                         "rng": torch.get_rng_state()},
             metrics={"step": step}, rank=rank, attempt=attempt)
@@ -208,8 +215,16 @@ def train_loop(loop_config: dict) -> None:
                 with ema.swapped() if ema is not None else nullcontext():
                     record.update(evaluate(engine))
                 last += time.perf_counter() - began  # tokens/s counts training time only
+            texts = {}
+            if _due(step, cfg.logging.sample_every, cfg):
+                began = time.perf_counter()
+                with ema.swapped() if ema is not None else nullcontext():
+                    drawn = samples.draw(engine.module, cfg, step, device)
+                texts["samples"] = samples.as_markdown(drawn, tokenizer, manifest.eos_id)
+                last += time.perf_counter() - began
+            if writer is not None and (len(record) > 1 or texts):
+                writer.write(record, histograms, texts)
             if writer is not None and len(record) > 1:
-                writer.write(record, histograms)
                 print(_progress(record, cfg, time.perf_counter() - start, done), flush=True)
             why, stop = watch.check()  # a SIGTERM or a preemption notice: save now
             if why or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:

@@ -70,15 +70,20 @@ class MetricsWriter:
                 f.writelines(kept)
         self.tb = SummaryWriter(self.files.path("tensorboard"), purge_step=start_step)
 
-    def write(self, record: dict, histograms: dict | None = None) -> None:
+    def write(self, record: dict, histograms: dict | None = None, texts: dict | None = None) -> None:
+        """record: {"step", name: value, ...}, one line of metrics.jsonl (when it holds more than
+        the step) and TensorBoard scalars; histograms and texts (Markdown) go to TensorBoard only."""
         step = record["step"]
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if len(record) > 1:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         for name, value in record.items():
             if name != "step":
                 self.tb.add_scalar(name, value, step)
         for name, values in (histograms or {}).items():
             self.tb.add_histogram(name, values, step)
+        for name, text in (texts or {}).items():
+            self.tb.add_text(name, text, step)
         self.tb.flush()
         try:
             self.files.upload()

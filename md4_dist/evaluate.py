@@ -1,0 +1,151 @@
+"""The NELBO of a trained model on held-out data: an upper bound on its negative log-likelihood,
+with the standard error of the estimate. One process, CPU or GPU; no Ray, no DeepSpeed engine.
+
+    python -m md4_dist.evaluate --checkpoint runs/owt                       # its data's val split
+    python -m md4_dist.evaluate --checkpoint runs/owt --data s3://bucket/owt-1024 --split val
+    python -m md4_dist.evaluate --checkpoint runs/owt --text wikitext-103/wiki.test.raw.txt
+
+Prints one JSON line: nelbo_bits_per_token, stderr_bits_per_token, ppl_bound (2 ** the bound),
+bits_per_byte (when the text's UTF-8 bytes are known), entropy_bits_per_token and
+gap_bits_per_token (when the manifest gives the corpus's exact entropy), tokens, sequences, and
+what was evaluated. Progress goes to stderr.
+
+Each sequence's NELBO is the mean over `--t-samples` diffusion times, spread antithetically over
+(0, 1] (one draw shifts an evenly spaced grid), each with its own masks: an unbiased estimate whose
+noise falls with the count. Sequences are independent, so the standard error is the per-sequence
+spread over sqrt(n), data and noise together. `--text` files are tokenized with the model's
+tokenizer and packed as training packed its data: documents (one per .txt file, or a line of
+.jsonl, a row of .parquet) each followed by EOS, back to back, the last row padded with EOS.
+Bits per byte are the bits per token times the evaluated data's tokens per UTF-8 byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from md4_dist import cli
+from md4_dist.consolidate import open_checkpoint
+from md4_dist.data import TokenStream, load_manifest
+from md4_dist.diffusion.forward import sample_times
+from md4_dist.diffusion.objectives import masks_per_sequence
+from md4_dist.tokenizer import TokenizerError, load_tokenizer, pack_documents
+from md4_dist.trainer.module import DiffusionModel
+
+
+@torch.no_grad()
+def sequence_nelbos(model: DiffusionModel, batches: Iterator[torch.Tensor], t_samples: int,
+                    generator: torch.Generator, device: torch.device, progress=None) -> torch.Tensor:
+    """Bits per token of each sequence, [n] float64: the mean NELBO over `t_samples` antithetic
+    times. `batches` yields [b, L] int64 token rows; the noise comes from the CPU `generator`, so
+    a seed gives the same figures on any device."""
+    masks = masks_per_sequence(model.diffusion_cfg)
+    bits = []
+    for x in batches:
+        b, L = x.shape
+        t = torch.cat([sample_times(t_samples, generator) for _ in range(b)])  # [b K], per row
+        u = torch.rand((masks, b * t_samples, L), generator=generator)
+        out = model(x.repeat_interleave(t_samples, 0).to(device), t.to(device), u.to(device))
+        nats = out["nelbo"].double().view(b, t_samples).mean(1)
+        bits.append(nats.cpu() / (L * math.log(2)))
+        if progress is not None:
+            progress.update(b)
+    return torch.cat(bits)
+
+
+def summary(bits: torch.Tensor) -> dict:
+    n = len(bits)
+    mean = bits.mean().item()
+    se = (bits.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else None
+    return {"nelbo_bits_per_token": mean, "stderr_bits_per_token": se, "ppl_bound": 2.0 ** mean,
+            "sequences": n}
+
+
+def _manifest_rows(manifest, split: str, batch: int, seed: int, limit: int, storage) -> Iterator[torch.Tensor]:
+    """The split's sequences in the seeded order training uses, the first `limit` of them."""
+    stream = TokenStream(manifest, split, batch, seed=seed, loop=False, storage=storage)
+    left = limit
+    for b in stream:
+        x = b["tokens"][:left]
+        left -= len(x)
+        yield x
+        if left == 0:
+            return
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m md4_dist.evaluate", description=__doc__.split("\n\n")[0])
+    cli.add_checkpoint_args(ap)
+    source = ap.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None,
+                        help="a dataset (directory or manifest.json URL); default: the one the model trained on")
+    source.add_argument("--text", nargs="+", default=None, metavar="PATH",
+                        help="text files or globs (.txt, .jsonl[.gz|.zst], .parquet), tokenized with the model's tokenizer")
+    ap.add_argument("--split", default="val", help="the dataset's split (with --data or the default)")
+    ap.add_argument("--t-samples", type=int, default=4, help="diffusion times per sequence")
+    ap.add_argument("--max-sequences", type=int, default=0, help="the first N sequences only; 0: all")
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (sequences x t-samples)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the diffusion times and masks")
+    args = ap.parse_args(argv)
+    if args.t_samples < 1 or args.max_sequences < 0 or args.batch_size < 1:
+        ap.error("--t-samples and --batch-size must be >= 1, --max-sequences >= 0")
+    dev = cli.device(args.device)
+
+    with open_checkpoint(args.checkpoint) as ckpt:
+        cfg = ckpt.config
+        model = ckpt.model(ema=not args.no_ema).to(dev)
+    V, L = cfg.model.vocab_size, cfg.data.seq_len
+    per_forward = max(1, args.batch_size // args.t_samples)  # sequences
+    result = {}
+    if args.text is not None:
+        from data_tools.sources import all_documents, expand
+
+        sp = load_tokenizer(ckpt.tokenizer, args.tokenizer, cfg.storage)
+        docs = list(all_documents(expand(args.text)))
+        if not docs:
+            raise ValueError(f"--text {' '.join(args.text)} holds no documents")
+        rows, text_bytes = pack_documents(sp, docs, L)
+        result["bits_per_byte_scale"] = rows.size / text_bytes  # tokens per byte, of all the text
+        rows = torch.from_numpy(rows[:args.max_sequences or None])
+        total, batches, data = len(rows), rows.split(per_forward), {"text": args.text}
+    else:
+        manifest = load_manifest(args.data or cfg.data.manifest, cfg.storage)
+        manifest.check_compatible(V, L)
+        trained_with = (ckpt.tokenizer or {}).get("sha256")
+        if (manifest.tokenizer or {}).get("sha256") != trained_with:
+            raise TokenizerError(f"dataset {manifest.url} was tokenized with "
+                                 f"{(manifest.tokenizer or {}).get('url', 'no tokenizer')}, not the "
+                                 f"model's {(ckpt.tokenizer or {}).get('url', 'token ids')}")
+        split = manifest.split(args.split)
+        total = min(args.max_sequences or split.sequences, split.sequences)
+        batches = _manifest_rows(manifest, args.split, per_forward, cfg.train.seed, total, cfg.storage)
+        data = {"data": manifest.url, "split": args.split}
+        if split.source_bytes:
+            result["bits_per_byte_scale"] = split.tokens / split.source_bytes
+        if manifest.entropy_bits_per_token is not None:
+            result["entropy_bits_per_token"] = manifest.entropy_bits_per_token
+
+    generator = torch.Generator().manual_seed(args.seed)
+    with tqdm(total=total, unit="seq", desc="evaluate", file=sys.stderr) as bar:
+        bits = sequence_nelbos(model, batches, args.t_samples, generator, dev, bar)
+    out = summary(bits)
+    scale = result.pop("bits_per_byte_scale", None)
+    if scale is not None:
+        out["bits_per_byte"] = out["nelbo_bits_per_token"] * scale
+    if "entropy_bits_per_token" in result:
+        out["entropy_bits_per_token"] = result["entropy_bits_per_token"]
+        out["gap_bits_per_token"] = out["nelbo_bits_per_token"] - result["entropy_bits_per_token"]
+    out.update(tokens=out["sequences"] * L, checkpoint=ckpt.url, step=ckpt.step,
+               weights="trained" if args.no_ema else "ema", t_samples=args.t_samples, seed=args.seed, **data)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

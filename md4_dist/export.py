@@ -1,0 +1,37 @@
+"""Export a trained model: safetensors weights, config.json and its tokenizer, in one directory
+that `md4_dist.load_pretrained` reads on any device (md4_dist/pretrained.py has the layout).
+
+    python -m md4_dist.export --checkpoint runs/owt --out exported/owt       # the EMA weights
+    python -m md4_dist.export --checkpoint s3://bucket/runs/owt --out s3://bucket/models/owt --no-ema
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from md4_dist import cli
+from md4_dist.consolidate import open_checkpoint
+from md4_dist.data.storage import join, list_dir
+from md4_dist.pretrained import CONFIG, export
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m md4_dist.export", description=__doc__.split("\n\n")[0])
+    cli.add_checkpoint_args(ap)
+    ap.add_argument("--out", required=True, help="output directory: local path, s3://, gs://")
+    ap.add_argument("--overwrite", action="store_true", help="replace a model already exported to --out")
+    args = ap.parse_args(argv)
+    if list_dir(args.out) and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} is not empty; pass --overwrite to replace what it holds")
+
+    with open_checkpoint(args.checkpoint) as ckpt:
+        export(ckpt, args.out, ema=not args.no_ema, tokenizer_url=args.tokenizer)
+    print(f"exported step {ckpt.step} ({'trained' if args.no_ema else 'EMA'} weights) of "
+          f"{ckpt.url} to {args.out}; load it with md4_dist.load_pretrained({args.out!r}), "
+          f"its config is {join(args.out, CONFIG)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,118 @@
+"""A trained model for use outside training: safetensors weights, a config and the tokenizer in
+one directory, and `load_pretrained` to get it back on any device.
+
+    python -m md4_dist.export --checkpoint runs/owt --out exported/owt
+    m = md4_dist.load_pretrained("exported/owt", device="cuda")
+    m.denoiser, m.schedule, m.tokenizer       # logits = m.denoiser(z_t, t)
+
+    DIR/
+      model.safetensors  fp32 weights: "denoiser.*" and "schedule.*" (GenMD4's exponents); the
+                         output layer's weight has V rows (training pads it, model.OutputLayer)
+      config.json        {"format_version", "model", "diffusion", "seq_len", "eos_id",
+                          "tokenizer": {"file", "sha256"} | null, "source": {"checkpoint",
+                          "step", "weights": "ema" | "trained"}}; written last
+      tokenizer.model    the SentencePiece model, when the training data had one
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import safetensors.torch
+import torch
+
+from md4_dist.consolidate import Checkpoint
+from md4_dist.data.storage import (StorageConfig, StorageError, explain, filesystem, join, read_bytes,
+                                   write_bytes)
+from md4_dist.diffusion.objectives import DiffusionConfig
+from md4_dist.diffusion.schedules import MaskingSchedule
+from md4_dist.model import Denoiser, ModelConfig
+from md4_dist.strict_config import ConfigError, from_dict, to_dict
+from md4_dist.tokenizer import read_tokenizer
+from md4_dist.trainer.checkpoint import CheckpointError
+from md4_dist.trainer.module import DiffusionModel
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+OUTPUT_WEIGHT = "denoiser.out.weight"
+
+
+@dataclass
+class Pretrained:
+    model: DiffusionModel  # the denoiser and the schedule; its forward is the training objective
+    diffusion_config: DiffusionConfig
+    seq_len: int  # the sequence length it was trained at
+    tokenizer: object | None  # sentencepiece.SentencePieceProcessor, or None for token-id corpora
+    eos_id: int | None
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return self.model.denoiser
+
+    @property
+    def schedule(self) -> MaskingSchedule:
+        return self.model.schedule
+
+
+def export(ckpt: Checkpoint, out: str, ema: bool = True, tokenizer_url: str | None = None,
+           storage: StorageConfig | None = None) -> None:
+    """Write `ckpt`'s weights (its EMA, or the trained ones) to the directory `out`."""
+    cfg = ckpt.config
+    weights = ckpt.weights(ema)
+    _remove(join(out, CONFIG), storage)  # until the new one is written, `out` is no export
+    V = cfg.model.vocab_size
+    # The padding rows are zero from initialisation on (their gradient is zero): nothing is lost.
+    weights[OUTPUT_WEIGHT] = weights[OUTPUT_WEIGHT][:V].contiguous()
+    token_record = None
+    if ckpt.tokenizer is not None:
+        proto = read_tokenizer(ckpt.tokenizer, tokenizer_url, storage)
+        write_bytes(join(out, TOKENIZER), proto, storage)
+        token_record = {"file": TOKENIZER, "sha256": ckpt.tokenizer["sha256"]}
+    write_bytes(join(out, WEIGHTS), safetensors.torch.save(weights, metadata={"format": "pt"}), storage)
+    config = {"format_version": FORMAT_VERSION, "model": to_dict(cfg.model),
+              "diffusion": to_dict(cfg.diffusion), "seq_len": cfg.data.seq_len,
+              "eos_id": ckpt.state["eos_id"], "tokenizer": token_record,
+              "source": {"checkpoint": ckpt.url, "step": ckpt.step, "weights": "ema" if ema else "trained"}}
+    write_bytes(join(out, CONFIG), (json.dumps(config, indent=1) + "\n").encode(), storage)
+
+
+def _remove(url: str, storage: StorageConfig | None) -> None:
+    try:
+        fs, path = filesystem(url, storage)
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+        raise explain(url, e) from e
+
+
+def load_pretrained(path: str, device: str | torch.device = "cpu",
+                    storage: StorageConfig | None = None) -> Pretrained:
+    """The model exported to `path` (a local directory or an object-storage URL), in eval mode
+    on `device`, with its tokenizer."""
+    try:
+        config = json.loads(read_bytes(join(path, CONFIG), storage))
+    except StorageError as e:
+        raise CheckpointError(f"no exported model at {path}: {e}") from None
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{join(path, CONFIG)} has format version "
+                              f"{config.get('format_version')}; this code reads {FORMAT_VERSION}")
+    try:
+        model_cfg = from_dict(ModelConfig, config["model"], "model")
+        diffusion_cfg = from_dict(DiffusionConfig, config["diffusion"], "diffusion")
+    except ConfigError as e:
+        raise CheckpointError(f"{join(path, CONFIG)}: {e}") from None
+    weights = safetensors.torch.load(read_bytes(join(path, WEIGHTS), storage))
+    model = DiffusionModel(model_cfg, diffusion_cfg)
+    padded = model.denoiser.out.weight.detach().clone().zero_()
+    padded[:model_cfg.vocab_size] = weights[OUTPUT_WEIGHT]
+    weights[OUTPUT_WEIGHT] = padded
+    model.load_state_dict(weights)
+    tokenizer = None
+    if config["tokenizer"] is not None:
+        import sentencepiece as spm
+
+        record = {"url": join(path, config["tokenizer"]["file"]), "sha256": config["tokenizer"]["sha256"]}
+        tokenizer = spm.SentencePieceProcessor(model_proto=read_tokenizer(record, storage=storage))
+    return Pretrained(model.to(device).eval(), diffusion_cfg, config["seq_len"], tokenizer, config["eos_id"])
+

@@ -1,0 +1,94 @@
+"""Samples of a trained model, decoded with its tokenizer. One process, CPU or GPU.
+
+    python -m md4_dist.sample --checkpoint runs/owt --num-samples 4 --steps 256
+    python -m md4_dist.sample --checkpoint runs/owt --num-samples 8 --steps 512 --sampler topp \
+        --top-p 0.9 --prefix "The meaning of life is" --seed 1 --out samples.jsonl
+
+Writes the decoded text of each sample (a header line before each) to stdout or `--out FILE`;
+a FILE ending in .jsonl gets one {"sample", "tokens", "text"} object per line instead. A sample
+spans the model's sequence length and may hold several documents: their text is separated by a
+blank line, where the model put an EOS. Models of token-id corpora (no tokenizer) give the ids.
+`--prefix` fixes a sample's first tokens to the prefix's and generates the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from tqdm import tqdm
+
+from md4_dist import cli
+from md4_dist.consolidate import open_checkpoint
+from md4_dist.data.storage import write_bytes
+from md4_dist.sampling import sample
+from md4_dist.tokenizer import decode, load_tokenizer
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m md4_dist.sample", description=__doc__.split("\n\n")[0])
+    cli.add_checkpoint_args(ap)
+    ap.add_argument("--num-samples", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=256, help="denoising steps from all-masked to clean")
+    ap.add_argument("--sampler", choices=("ancestral", "topp"), default="ancestral")
+    ap.add_argument("--top-p", type=float, default=0.9, help="with --sampler topp: the mass kept")
+    ap.add_argument("--grid", choices=("cosine", "uniform"), default="cosine", help="the times of the steps")
+    ap.add_argument("--prefix", default=None, help="text every sample starts with")
+    ap.add_argument("--seq-len", type=int, default=0, help="tokens per sample; 0: the training length")
+    ap.add_argument("--batch-size", type=int, default=8, help="samples drawn together")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="a file (local or object storage); .jsonl: JSON lines")
+    args = ap.parse_args(argv)
+    if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1 or args.seq_len < 0:
+        ap.error("--num-samples, --steps and --batch-size must be >= 1, --seq-len >= 0")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+    dev = cli.device(args.device)
+
+    with open_checkpoint(args.checkpoint) as ckpt:
+        cfg = ckpt.config
+        model = ckpt.model(ema=not args.no_ema).to(dev)
+    L = args.seq_len or cfg.data.seq_len
+    tokenizer = None
+    if ckpt.tokenizer is not None or args.prefix is not None:
+        tokenizer = load_tokenizer(ckpt.tokenizer, args.tokenizer, cfg.storage)  # names what is wrong
+    given = fixed = None
+    if args.prefix is not None:
+        ids = tokenizer.encode(args.prefix)
+        if not 0 < len(ids) < L:
+            raise ValueError(f"--prefix is {len(ids)} tokens; it must be 1 to {L - 1} (--seq-len {L})")
+        given = torch.zeros((args.batch_size, L), dtype=torch.int64)
+        given[:, :len(ids)] = torch.tensor(ids)
+        fixed = torch.zeros((args.batch_size, L), dtype=torch.bool)
+        fixed[:, :len(ids)] = True
+
+    generator = torch.Generator(device=dev).manual_seed(args.seed)
+    samples = []
+    with tqdm(total=args.num_samples, unit="sample", desc="sample", file=sys.stderr) as bar:
+        while len(samples) < args.num_samples:
+            n = min(args.batch_size, args.num_samples - len(samples))
+            tokens = sample(model.denoiser, model.schedule, n, L, args.steps, sampler=args.sampler,
+                            top_p=args.top_p, grid=args.grid, device=dev, generator=generator,
+                            given=None if given is None else given[:n],
+                            fixed=None if fixed is None else fixed[:n])
+            samples += tokens.cpu().tolist()
+            bar.update(n)
+
+    texts = [decode(s, tokenizer, ckpt.state["eos_id"]) for s in samples]
+    if args.out is not None and args.out.endswith(".jsonl"):
+        body = "".join(json.dumps({"sample": i, "tokens": s, "text": t}) + "\n"
+                       for i, (s, t) in enumerate(zip(samples, texts)))
+    else:
+        body = "".join(f"=== sample {i} (step {ckpt.step}) ===\n{t}\n" for i, t in enumerate(texts))
+    if args.out is None:
+        sys.stdout.write(body)
+    else:
+        write_bytes(args.out, body.encode(), cfg.storage)
+        print(f"wrote {len(samples)} samples to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
