@@ -10,6 +10,8 @@ directory, `<run_dir>/checkpoints/checkpoint-<step>-<attempt>`, local or on obje
 The trained weights come from DeepSpeed's fp32 copy of the ZeRO shards (its own consolidation,
 `zero_to_fp32`); the EMA's from the ranks' shares in rank-*.pt (trainer/ema.py): under ZeRO-3 each
 rank averaged its flat slice of every parameter, so the slices are joined and the padding cut.
+From object storage only the files the chosen weights need are copied: the EMA shares are about
+a quarter of a checkpoint that also holds the optimizer's fp32 weights and moments.
 """
 
 from __future__ import annotations
@@ -34,8 +36,24 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's c
 @dataclass
 class Checkpoint:
     url: str  # the checkpoint directory
-    path: str  # a local copy of it
     state: dict  # its state.json
+    local: str  # the directory itself, or (remote) a temporary one its files are copied into
+    storage: StorageConfig | None = None
+
+    def files(self, *names: str) -> str:
+        """The local directory that holds `names` (files or directories of the checkpoint),
+        copying those not copied yet when the checkpoint is remote."""
+        if protocol(self.url) != "file":
+            for name in names:
+                if not os.path.exists(os.path.join(self.local, name)):
+                    try:
+                        fs, path = filesystem(join(self.url, name), self.storage)
+                        target = os.path.join(self.local, name)
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        fs.get(path, target, recursive=fs.isdir(path))
+                    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+                        raise explain(join(self.url, name), e) from e
+        return self.local
 
     @property
     def config(self) -> Config:
@@ -66,18 +84,21 @@ class Checkpoint:
 
     def _trained(self, cfg: Config) -> dict[str, torch.Tensor]:
         if cfg.deepspeed.zero_stage == 0:  # no shards: the module's own state dict
-            states = torch.load(os.path.join(self.path, TAG, "mp_rank_00_model_states.pt"),
+            states = torch.load(os.path.join(self.files(f"{TAG}/mp_rank_00_model_states.pt"), TAG,
+                                             "mp_rank_00_model_states.pt"),
                                 map_location="cpu", weights_only=False)
             return {k: v.float() for k, v in states["module"].items()}
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with redirect_stdout(sys.stderr):  # its progress lines: stdout is the CLIs' output
-            weights = get_fp32_state_dict_from_zero_checkpoint(self.path, TAG)
+            weights = get_fp32_state_dict_from_zero_checkpoint(self.files(TAG), TAG)
         return {k: v.detach().float() for k, v in weights.items()}
 
     def _ema(self, cfg: Config) -> dict[str, torch.Tensor]:
-        shares = [torch.load(os.path.join(self.path, f"rank-{r:05d}.pt"), map_location="cpu",
-                             weights_only=False)["ema"]["shadow"] for r in range(self.state["world_size"])]
+        names = [f"rank-{r:05d}.pt" for r in range(self.state["world_size"])]
+        local = self.files(*names)
+        shares = [torch.load(os.path.join(local, name), map_location="cpu",
+                             weights_only=False)["ema"]["shadow"] for name in names]
         with torch.device("meta"):  # names and shapes only
             skeleton = DiffusionModel(cfg.model, cfg.diffusion)
         weights = {}
@@ -106,15 +127,10 @@ def open_checkpoint(url: str, storage: StorageConfig | None = None):
         raise CheckpointError(f"checkpoint {url} was written by an md4_dist that did not record the "
                               "data's tokenizer: resume the run for one checkpoint with this version")
     if protocol(url) == "file":
-        yield Checkpoint(url, url, state)
+        yield Checkpoint(url, state, url, storage)
         return
     with tempfile.TemporaryDirectory(prefix="md4-checkpoint-") as local:
-        try:
-            fs, path = filesystem(url, storage)
-            fs.get(path + "/", local + "/", recursive=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the URL named
-            raise explain(url, e) from e
-        yield Checkpoint(url, local, state)
+        yield Checkpoint(url, state, local, storage)
 
 
 def _checkpoint_dir(url: str, storage: StorageConfig | None) -> str:

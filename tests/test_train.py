@@ -136,7 +136,11 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     with open_checkpoint(run_dir) as ckpt:
         assert ckpt.url.startswith(f"{run_dir}/checkpoints/checkpoint-00000010-")
         want = ckpt.weights()
+        assert sorted(os.listdir(ckpt.local)) == ["rank-00000.pt", "rank-00001.pt"], "the EMA's files only"
+        trained = ckpt.weights(ema=False)  # from the ZeRO-3 shards, copied now
+        assert "step" in os.listdir(ckpt.local)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert trained.keys() == want.keys() and not all(torch.equal(trained[k], want[k]) for k in want)
     capsys.readouterr()
     assert run_cli(evaluate, ["--checkpoint", run_dir, "--max-sequences", "20"]) == 0
     res = json.loads(capsys.readouterr().out)
