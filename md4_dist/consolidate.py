@@ -28,6 +28,7 @@ import torch
 from md4_dist.config import Config, config_from_dict
 from md4_dist.data.storage import StorageConfig, explain, filesystem, join, protocol, read_bytes
 from md4_dist.trainer.checkpoint import FORMAT_VERSION, TAG, CheckpointError
+from md4_dist.trainer.ema import whole_average
 from md4_dist.trainer.module import DiffusionModel
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
@@ -82,33 +83,73 @@ class Checkpoint:
         model.load_state_dict(self.weights(ema))
         return model.eval()
 
+    def _load(self, name: str):
+        """torch.load of the checkpoint's file `name`; a damaged file is named."""
+        path = os.path.join(self.files(name), name)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - whatever the reader's error, the file is named
+            raise CheckpointError(f"{join(self.url, name)} cannot be read ({type(e).__name__}: {e})") from None
+
     def _trained(self, cfg: Config) -> dict[str, torch.Tensor]:
-        if cfg.deepspeed.zero_stage == 0:  # no shards: the module's own state dict
-            states = torch.load(os.path.join(self.files(f"{TAG}/mp_rank_00_model_states.pt"), TAG,
-                                             "mp_rank_00_model_states.pt"),
-                                map_location="cpu", weights_only=False)
-            return {k: v.float() for k, v in states["module"].items()}
+        """The optimizer's fp32 master weights. Where DeepSpeed keeps them depends on its
+        optimizer: stage 0 in the model-states file (in bf16 runs, beside bf16 working weights),
+        ZeRO-1 with bf16 (its BF16_Optimizer) in shards of its own format, other ZeRO runs in
+        the shards that `zero_to_fp32` reads."""
+        if cfg.deepspeed.zero_stage == 0:
+            states = self._load(f"{TAG}/mp_rank_00_model_states.pt")
+            if cfg.deepspeed.precision == "fp32":  # the module's weights are the master weights
+                return {k: v.float() for k, v in states["module"].items()}
+            opt = states["optimizer"]  # DeepSpeed's fp16/bf16 optimizer; the trainer's one group
+            if "fp32_groups" in opt:  # its unfused variant (torch's Adam): a tensor per parameter
+                return self._by_parameter_order(cfg, opt["fp32_groups"][0])
+            return self._by_parameter_order(cfg, opt["fp32_groups_flat"][0])  # fused: one flat tensor
+        shards = os.path.join(self.files(TAG), TAG)
+        if any(n.startswith("bf16_zero_") for n in os.listdir(shards)):
+            return self._via_universal(cfg, shards)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with redirect_stdout(sys.stderr):  # its progress lines: stdout is the CLIs' output
-            weights = get_fp32_state_dict_from_zero_checkpoint(self.files(TAG), TAG)
+            weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(shards), TAG)
         return {k: v.detach().float() for k, v in weights.items()}
 
+    def _by_parameter_order(self, cfg: Config, tensors) -> dict[str, torch.Tensor]:
+        """A list of tensors, or one flat tensor, in the order of the model's parameters (the
+        trainer gives DeepSpeed one parameter group), by name."""
+        named = _parameters(cfg)
+        if isinstance(tensors, torch.Tensor) and tensors.numel() == sum(p.numel() for _, p in named):
+            tensors = [t.view(p.shape) for t, (_, p) in zip(tensors.split([p.numel() for _, p in named]), named)]
+        if [tuple(t.shape) for t in tensors] != [tuple(p.shape) for _, p in named]:
+            raise CheckpointError(f"checkpoint {self.url}: the optimizer's fp32 weights do not match "
+                                  "the model's parameters")
+        return {name: t.float() for (name, _), t in zip(named, tensors)}
+
+    def _via_universal(self, cfg: Config, shards: str) -> dict[str, torch.Tensor]:
+        """DeepSpeed's universal conversion: zero/<parameter>/fp32.pt, a file per parameter."""
+        from md4_dist.trainer.checkpoint import to_universal
+
+        with tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
+            try:
+                with redirect_stdout(sys.stderr):
+                    to_universal(shards, os.path.join(u, TAG))
+            except AssertionError as e:  # DeepSpeed's word for a checkpoint it cannot convert
+                raise CheckpointError(f"checkpoint {self.url}: DeepSpeed cannot convert its shards "
+                                      f"({e})") from None
+            zero = os.path.join(u, TAG, "zero")
+            return {name: torch.load(os.path.join(zero, name, "fp32.pt"), map_location="cpu",
+                                     weights_only=False)["param"].float() for name, _ in _parameters(cfg)}
+
     def _ema(self, cfg: Config) -> dict[str, torch.Tensor]:
-        names = [f"rank-{r:05d}.pt" for r in range(self.state["world_size"])]
-        local = self.files(*names)
-        shares = [torch.load(os.path.join(local, name), map_location="cpu",
-                             weights_only=False)["ema"]["shadow"] for name in names]
-        with torch.device("meta"):  # names and shapes only
-            skeleton = DiffusionModel(cfg.model, cfg.diffusion)
-        weights = {}
-        for i, (name, p) in enumerate(skeleton.named_parameters()):  # the EMA's order
-            if cfg.deepspeed.zero_stage == 3:  # flat slices, the last padded
-                whole = torch.cat([share[i].flatten() for share in shares])[:p.numel()]
-            else:  # every rank averaged the whole parameter
-                whole = shares[0][i]
-            weights[name] = whole.view(p.shape).float()
-        return weights
+        shares = [self._load(f"rank-{r:05d}.pt")["ema"]["shadow"] for r in range(self.state["world_size"])]
+        named = _parameters(cfg)  # the EMA's order
+        whole = whole_average(shares, [p.shape for _, p in named], cfg.deepspeed.zero_stage == 3)
+        return {name: w for (name, _), w in zip(named, whole)}
+
+
+def _parameters(cfg: Config) -> list[tuple[str, torch.nn.Parameter]]:
+    """The model's parameters by name, in order, on the meta device (names and shapes only)."""
+    with torch.device("meta"):
+        return list(DiffusionModel(cfg.model, cfg.diffusion).named_parameters())
 
 
 @contextmanager
@@ -135,23 +176,30 @@ def open_checkpoint(url: str, storage: StorageConfig | None = None):
 
 def _checkpoint_dir(url: str, storage: StorageConfig | None) -> str:
     """`url` itself when it holds state.json, else the latest checkpoint its run registered."""
-    from md4_dist.data.storage import StorageError
-
-    def readable(u):
-        try:
-            return read_bytes(u, storage)
-        except StorageError:
-            return None
-
-    if readable(join(url, "state.json")) is not None:
+    if _read_if_there(join(url, "state.json"), storage) is not None:
         return url
     for record in (join(join(url, "checkpoints"), SNAPSHOT), join(url, SNAPSHOT)):
-        raw = readable(record)
+        raw = _read_if_there(record, storage)
         if raw is None:
             continue
-        latest = json.loads(raw).get("latest_checkpoint_result")
+        try:
+            latest = json.loads(raw).get("latest_checkpoint_result")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{record} is not valid JSON ({e})") from None
         if not latest:
             raise CheckpointError(f"the run at {url} has no checkpoint yet ({record} lists none)")
         return join(record.rsplit("/", 1)[0], latest["checkpoint_dir_name"])
     raise CheckpointError(f"no checkpoint at {url}: it is neither a checkpoint directory (with "
                           f"state.json) nor a run directory (with checkpoints/{SNAPSHOT})")
+
+
+def _read_if_there(url: str, storage: StorageConfig | None) -> bytes | None:
+    """The file's bytes, or None when it does not exist; any other failure (credentials, an
+    unreachable endpoint, access denied) is an error that names the URL."""
+    try:
+        fs, path = filesystem(url, storage)
+        return fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+        raise explain(url, e) from e

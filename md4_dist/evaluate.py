@@ -16,7 +16,8 @@ noise falls with the count. Sequences are independent, so the standard error is 
 spread over sqrt(n), data and noise together. `--text` files are tokenized with the model's
 tokenizer and packed as training packed its data: documents (one per .txt file, or a line of
 .jsonl, a row of .parquet) each followed by EOS, back to back, the last row padded with EOS.
-Bits per byte are the bits per token times the evaluated data's tokens per UTF-8 byte.
+Bits per byte are the bits per token times the tokens per UTF-8 byte of the whole text or split
+(with --max-sequences, an estimate from the first N sequences).
 """
 
 from __future__ import annotations
@@ -86,11 +87,12 @@ def main(argv=None) -> int:
     source.add_argument("--data", default=None,
                         help="a dataset (directory or manifest.json URL); default: the one the model trained on")
     source.add_argument("--text", nargs="+", default=None, metavar="PATH",
-                        help="text files or globs (.txt, .jsonl[.gz|.zst], .parquet), tokenized with the model's tokenizer")
+                        help="text files or globs: .txt (a document each), .jsonl[.gz|.zst] and .parquet (their "
+                             "'text' field), tokenized with the model's tokenizer")
     ap.add_argument("--split", default="val", help="the dataset's split (with --data or the default)")
     ap.add_argument("--t-samples", type=int, default=4, help="diffusion times per sequence")
     ap.add_argument("--max-sequences", type=int, default=0, help="the first N sequences only; 0: all")
-    ap.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (sequences x t-samples)")
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences x t-samples per forward pass (GenMD4 doubles the rows: two masks each)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the diffusion times and masks")
     args = ap.parse_args(argv)
     if args.t_samples < 1 or args.max_sequences < 0 or args.batch_size < 1:

@@ -22,8 +22,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory: local path, s3://, gs://")
     ap.add_argument("--overwrite", action="store_true", help="replace a model already exported to --out")
     args = ap.parse_args(argv)
-    if list_dir(args.out) and not args.overwrite:
-        raise FileExistsError(f"--out {args.out} is not empty; pass --overwrite to replace what it holds")
+    held = list_dir(args.out)
+    if held and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} is not empty; pass --overwrite to replace the model "
+                              "exported there")
+    if held and CONFIG not in held:
+        raise FileExistsError(f"--out {args.out} holds files but no exported model ({CONFIG}); "
+                              "--overwrite replaces only an export")
 
     with open_checkpoint(args.checkpoint) as ckpt:
         export(ckpt, args.out, ema=not args.no_ema, tokenizer_url=args.tokenizer)

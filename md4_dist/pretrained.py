@@ -59,14 +59,16 @@ def export(ckpt: Checkpoint, out: str, ema: bool = True, tokenizer_url: str | No
            storage: StorageConfig | None = None) -> None:
     """Write `ckpt`'s weights (its EMA, or the trained ones) to the directory `out`."""
     cfg = ckpt.config
+    storage = storage or cfg.storage
+    # Everything that can fail on the reading side first: `out` is touched only after.
     weights = ckpt.weights(ema)
-    _remove(join(out, CONFIG), storage)  # until the new one is written, `out` is no export
+    proto = read_tokenizer(ckpt.tokenizer, tokenizer_url, storage) if ckpt.tokenizer is not None else None
     V = cfg.model.vocab_size
     # The padding rows are zero from initialisation on (their gradient is zero): nothing is lost.
     weights[OUTPUT_WEIGHT] = weights[OUTPUT_WEIGHT][:V].contiguous()
+    _remove(join(out, CONFIG), storage)  # until the new one is written, `out` is no export
     token_record = None
-    if ckpt.tokenizer is not None:
-        proto = read_tokenizer(ckpt.tokenizer, tokenizer_url, storage)
+    if proto is not None:
         write_bytes(join(out, TOKENIZER), proto, storage)
         token_record = {"file": TOKENIZER, "sha256": ckpt.tokenizer["sha256"]}
     write_bytes(join(out, WEIGHTS), safetensors.torch.save(weights, metadata={"format": "pt"}), storage)

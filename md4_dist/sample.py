@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from md4_dist import cli
 from md4_dist.consolidate import open_checkpoint
-from md4_dist.data.storage import write_bytes
+from md4_dist.data.storage import exists, write_bytes
 from md4_dist.sampling import sample
 from md4_dist.tokenizer import decode, load_tokenizer
 
@@ -40,12 +40,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="samples drawn together")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="a file (local or object storage); .jsonl: JSON lines")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1 or args.seq_len < 0:
         ap.error("--num-samples, --steps and --batch-size must be >= 1, --seq-len >= 0")
     if not 0 < args.top_p <= 1:
         ap.error(f"--top-p must lie in (0, 1], got {args.top_p}")
     dev = cli.device(args.device)
+    if args.out is not None and not args.overwrite and exists(args.out):
+        raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
 
     with open_checkpoint(args.checkpoint) as ckpt:
         cfg = ckpt.config

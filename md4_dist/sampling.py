@@ -101,8 +101,7 @@ def sample(denoiser: Denoiser, schedule: MaskingSchedule, num_samples: int, seq_
         choice = torch.multinomial(torch.cat([to_token, stay], -1).flatten(0, 1), 1,
                                    generator=generator).view(shape)  # V means: stays masked
         z = torch.where(z == V, choice, z)
-    masked = z == V
-    if masked.any():
-        logits = denoiser(z, torch.zeros(num_samples, device=z.device))
-        z = torch.where(masked, logits.argmax(-1), z)
-    return z
+    # Always, not only when a mask is left: a data-dependent branch would cost a host sync, and
+    # under ZeRO-3 every rank must run the same forwards.
+    logits = denoiser(z, torch.zeros(num_samples, device=z.device))
+    return torch.where(z == V, logits.argmax(-1), z)

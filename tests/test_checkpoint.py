@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from md4_dist.data import TokenStream, load_manifest
 from md4_dist.trainer.metrics import effective_ledger
@@ -83,11 +84,11 @@ def assert_exactly_once(lines, data, steps):
 LONG = ("train.steps=100", "eval.every=50")  # room to stop a run after its second checkpoint
 
 
-def stop_after_checkpoint(run_dir, data, log_path) -> int:
+def stop_after_checkpoint(run_dir, data, log_path, *sets) -> int:
     """Start a run and SIGTERM it between its first two checkpoints, as `ray job stop` or a
     scheduler would: it saves after the step it is in and exits 143. Returns that step."""
     with open(log_path, "w") as log:
-        proc = start(command(run_dir, data, *LONG), log)
+        proc = start(command(run_dir, data, *LONG, *sets), log)
         wait_for_checkpoint(run_dir, "checkpoint-00000020", proc)
         wait_for_line(log_path, "step 25/100", proc)
         proc.send_signal(signal.SIGTERM)
@@ -100,23 +101,30 @@ def stop_after_checkpoint(run_dir, data, log_path) -> int:
     return stopped
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_data):
+    """The records of an uninterrupted 2-worker run of LONG (ZeRO-3, fp32): what stopped and
+    resumed runs must repeat."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run(command(run_dir, tiny_data, *LONG))
+    want = records(run_dir)
+    assert [r["step"] for r in want] == list(range(5, 101, 5))
+    return want
+
+
 def resumed_at(out: str) -> int:
     lines = [line for line in out.splitlines() if "resuming after step" in line]
     assert lines, out[-3000:]
     return int(lines[0].split("resuming after step ")[1].split()[0])
 
 
-def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_data):
+def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_data, straight):
     """Stop a 2-worker run (SIGTERM: it checkpoints first) and run the same command again: its
     metrics.jsonl equals that of an uninterrupted run, number for number, also when the latest
     checkpoint has a truncated shard (it falls back to the one before and says so). Resumed on 1
     worker instead (DeepSpeed's universal checkpoint, the EMA re-split), it follows the same curve
     up to float rounding."""
-    straight = tmp_path / "straight"
-    run(command(straight, tiny_data, *LONG))
-    want = records(straight)
-    assert [r["step"] for r in want] == list(range(5, 101, 5))
-
+    want = straight
     same = tmp_path / "same"
     stopped = stop_after_checkpoint(same, tiny_data, tmp_path / "same.log")
     [latest] = (same / "checkpoints").glob(f"checkpoint-{stopped:08d}-*")
@@ -133,14 +141,68 @@ def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_da
     stopped = stop_after_checkpoint(resized, tiny_data, tmp_path / "resized.log")
     out = run(command(resized, tiny_data, *LONG, "cluster.num_workers=1"))
     assert resumed_at(out) == stopped and "(2 workers then, 1 now)" in out
-    got = records(resized)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert_follows(records(resized), want, rel=1e-4)
+    assert json.loads((resized / "config.json").read_text())["cluster"]["num_workers"] == 1
+
+
+def assert_follows(got, want, rel):
+    """The same records, step for step and name for name, each figure within `rel`."""
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
     for key in ("loss", "nelbo_bits_per_token", "grad_norm", "lr", "exponent_mean",
                 "val_nelbo_bits_per_token"):
         a = [r[key] for r in got if key in r]
         b = [r[key] for r in want if key in r]
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
-    assert json.loads((resized / "config.json").read_text())["cluster"]["num_workers"] == 1
+        assert a == pytest.approx(b, rel=rel, abs=1e-6), key
+
+
+def assert_master_weights(run_dir, step, precision):
+    """The run's trained weights, consolidated in one process (md4_dist.consolidate), are the fp32
+    master weights: the module's working weights in the checkpoint are their rounding."""
+    from md4_dist.consolidate import open_checkpoint
+
+    with open_checkpoint(str(run_dir)) as ckpt:
+        assert ckpt.step == step
+        master = ckpt.weights(ema=False)
+        module = torch.load(os.path.join(ckpt.url, "step", "mp_rank_00_model_states.pt"),
+                            weights_only=False)["module"]
+    assert master.keys() == module.keys()
+    for name, w in master.items():
+        assert w.dtype == torch.float32 and torch.equal(w.to(module[name].dtype), module[name]), name
+    if precision == "bf16":  # the master weights hold more than their bf16 rounding
+        assert any(not torch.equal(w, w.bfloat16().float()) for w in master.values())
+
+
+def test_zero_0_bf16_checkpoint_gives_its_fp32_master_weights(tmp_path, tiny_data):
+    """Stage 0 with bf16 keeps the fp32 master weights in DeepSpeed's fp16/bf16 optimizer state,
+    beside the module's bf16 weights."""
+    run(command(tmp_path / "run", tiny_data, "train.steps=10", "checkpoint.every=10", "eval.every=0",
+                "deepspeed.zero_stage=0", "deepspeed.precision=bf16"))
+    assert_master_weights(tmp_path / "run", 10, "bf16")
+
+
+@pytest.mark.parametrize("zero, precision", [(1, "bf16"), (2, "fp32"), (0, "fp32")])
+def test_zero_0_1_2_resume_at_another_world_size_and_consolidate(tmp_path, tiny_data, straight, zero,
+                                                                 precision):
+    """ZeRO-1 and 2 partition the optimizer state, not the weights (with bf16, ZeRO-1 runs
+    DeepSpeed's BF16_Optimizer, whose shards have a format of their own); ZeRO-0 partitions
+    nothing. Stopped on 2 workers and resumed on 1, a run follows the uninterrupted one (in fp32
+    the ZeRO-3 run: the stages differ in summation order only); the trained weights consolidated
+    in one process are the fp32 master weights, whose rounding is what the module computes with."""
+    sets = (f"deepspeed.zero_stage={zero}", f"deepspeed.precision={precision}")
+    if precision == "bf16":
+        run(command(tmp_path / "straight", tiny_data, *LONG, *sets))
+        straight = records(tmp_path / "straight")
+    resized = tmp_path / "resized"
+    stopped = stop_after_checkpoint(resized, tiny_data, tmp_path / "resized.log", *sets)
+    assert_master_weights(resized, stopped, precision)
+
+    out = run(command(resized, tiny_data, *LONG, *sets, "cluster.num_workers=1"))
+    assert resumed_at(out) == stopped and "(2 workers then, 1 now)" in out
+    assert ("converted to a universal checkpoint" in out) == (zero > 0)  # stage 0: one whole file
+    # 1 worker sums the same gradients in another order; bf16 rounds the sums' inputs apart
+    if zero == 0 and precision == "fp32":  # DeepSpeed keeps no gradient norm there: none logged
+        straight = [{k: v for k, v in r.items() if k != "grad_norm"} for r in straight]
+    assert_follows(records(resized), straight, rel=1e-4 if precision == "fp32" else 2e-2)
 
 
 def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_data):

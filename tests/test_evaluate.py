@@ -300,6 +300,32 @@ def test_bad_input_names_the_culprit(text_run, markov_run, tmp_path, capsys):
     status, _, err = in_process(evaluate.main, capsys, "--checkpoint", str(run_dir), "--text", str(latin1))
     assert status == 2 and f"{latin1} is not UTF-8 text" in err
 
+    status, _, err = in_process(evaluate.main, capsys, "--checkpoint", "s3://md4-no-such-bucket/run")
+    assert status == 2 and "no S3 credentials for s3://md4-no-such-bucket/run" in err  # not "no checkpoint"
+    status, _, err = in_process(sample.main, capsys, "--checkpoint", str(run_dir), "--device", "gpu")
+    assert status == 2 and "--device 'gpu' is no device" in err
+
+    # export: a directory that holds something else is never written into; a failed export
+    # leaves the one before it whole
+    other_dir = tmp_path / "mine"
+    other_dir.mkdir()
+    (other_dir / "notes.txt").write_text("mine")
+    status, _, err = in_process(export.main, capsys, "--checkpoint", str(run_dir), "--out", str(other_dir),
+                                "--overwrite")
+    assert status == 2 and "holds files but no exported model" in err
+    assert os.listdir(other_dir) == ["notes.txt"]
+    exported = tmp_path / "exported"
+    assert in_process(export.main, capsys, "--checkpoint", str(run_dir), "--out", str(exported))[0] == 0
+    before = {f: (exported / f).read_bytes() for f in os.listdir(exported)}
+    status, _, err = in_process(export.main, capsys, "--checkpoint", str(run_dir), "--out", str(exported),
+                                "--overwrite", "--no-ema", "--tokenizer", str(other))
+    assert status == 2 and "does not match" in err
+    assert {f: (exported / f).read_bytes() for f in os.listdir(exported)} == before
+    samples_out = tmp_path / "samples.txt"
+    samples_out.write_text("earlier samples")
+    status, _, err = in_process(sample.main, capsys, "--checkpoint", str(run_dir), "--out", str(samples_out))
+    assert status == 2 and f"--out {samples_out} exists" in err and samples_out.read_text() == "earlier samples"
+
     markov_dir, markov_data = markov_run
     status, _, err = in_process(evaluate.main, capsys, "--checkpoint", str(run_dir), "--data", str(markov_data))
     assert status == 2 and "vocab_size 16 disagrees with the model's model.vocab_size = 320" in err

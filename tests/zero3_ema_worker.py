@@ -1,7 +1,8 @@
 """Run by tests/test_ema.py under torchrun: 2 CPU ranks, real DeepSpeed ZeRO-3 over gloo.
 
-Checks PartitionedEMA against an average of the whole parameters, gathered every step, and that
-`swapped()` puts the average in the model (as ZeRO-3's forward sees it) and restores it exactly.
+Checks PartitionedEMA against an average of the whole parameters, gathered every step, that
+`swapped()` puts the average in the model (as ZeRO-3's forward sees it) and restores it exactly,
+and that the ranks' saved shares join into the whole average (`ema.whole_average`).
 """
 
 import os
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from md4_dist.trainer.ema import PartitionedEMA
+from md4_dist.trainer.ema import PartitionedEMA, whole_average
 
 
 def gathered(module):
@@ -25,9 +26,10 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank()
     torch.manual_seed(0)
-    # 2400- and 1200-element weights are partitioned; the 300- and 4-element biases are below the
+    # 2107- and 903-element weights are partitioned; the 301- and 3-element biases are below the
     # persistence threshold, so ZeRO-3 keeps them whole on every rank: both kinds are covered.
-    model = nn.Sequential(nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 4))
+    # Odd sizes: each parameter's last slice is padded.
+    model = nn.Sequential(nn.Linear(7, 301), nn.Tanh(), nn.Linear(301, 3))
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 500},
               "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}}}
@@ -39,7 +41,7 @@ def main():
     reference = gathered(engine.module)
     g = torch.Generator().manual_seed(rank)
     for _ in range(5):
-        x, y = torch.randn(2, 8, generator=g), torch.randn(2, 4, generator=g)
+        x, y = torch.randn(2, 7, generator=g), torch.randn(2, 3, generator=g)
         engine.backward(((engine(x) - y) ** 2).mean())
         engine.step()
         ema.update()
@@ -47,7 +49,7 @@ def main():
     trained = gathered(engine.module)
     assert max((a - b).abs().max().item() for a, b in zip(trained, reference)) > 1e-3, "the check has power"
 
-    probe = torch.randn(3, 8, generator=torch.Generator().manual_seed(7))
+    probe = torch.randn(3, 7, generator=torch.Generator().manual_seed(7))
     with torch.no_grad(), ema.swapped():
         swapped = gathered(engine.module)
         out = engine.module(probe)
@@ -57,6 +59,12 @@ def main():
     torch.testing.assert_close(out, torch.tanh(probe @ w1.T + b1) @ w2.T + b2, rtol=1e-5, atol=1e-6)
     for a, b in zip(gathered(engine.module), trained):
         assert torch.equal(a, b), "the trained weights come back bit for bit"
+    # every rank's share, saved and joined again as md4_dist.consolidate does it
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, ema.state_dict()["shadow"])
+    joined = whole_average(shares, [r.shape for r in reference], zero3=True)
+    for j, r in zip(joined, reference):
+        torch.testing.assert_close(j, r, rtol=1e-5, atol=1e-6)
     local = sum(s.numel() for s in ema.shadow)
     full = sum(p.numel() for p in reference)
     print(f"rank {rank}: ok, EMA holds {local} of {full} values", flush=True)

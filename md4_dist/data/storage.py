@@ -137,6 +137,14 @@ def write_bytes(url: str, data: bytes, cfg: StorageConfig | None = None) -> None
         raise explain(url, e) from e
 
 
+def exists(url: str, cfg: StorageConfig | None = None) -> bool:
+    try:
+        fs, path = filesystem(url, cfg)
+        return fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+        raise explain(url, e) from e
+
+
 def list_dir(url: str, cfg: StorageConfig | None = None) -> list[str]:
     """Names under url; [] when it does not exist."""
     try:

@@ -39,6 +39,12 @@ def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: 
     (Ray moving them into the run directory, and registering the checkpoint)."""
     import ray.train
 
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    # The universal conversion of a resize refuses ZeRO-1/2 shards that lack this record (it
+    # names the tensor-parallel layouts of Megatron-style clients); ours has none, so it is empty.
+    # DeepSpeed writes the module's attribute into the checkpoint.
+    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, {})
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="md4-ckpt-") as d:
         engine.save_checkpoint(d, tag=TAG, save_latest=False)
@@ -169,9 +175,9 @@ def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
     resized = state["world_size"] != world
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
         load_dir = d
-        if resized:
+        if resized and engine.zero_optimization_stage() > 0:  # stage 0's one file fits any size
             began = time.perf_counter()
-            _to_universal(os.path.join(d, TAG), os.path.join(u, TAG))
+            to_universal(os.path.join(d, TAG), os.path.join(u, TAG))
             print(f"rank {rank}: converted to a universal checkpoint in "
                   f"{time.perf_counter() - began:.1f} s", flush=True)
             load_dir = u
@@ -183,7 +189,7 @@ def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
         return [torch.load(os.path.join(d, f"rank-{r:05d}.pt"), weights_only=False) for r in ranks]
 
 
-def _to_universal(src: str, dst: str) -> None:
+def to_universal(src: str, dst: str) -> None:
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal

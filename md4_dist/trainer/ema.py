@@ -92,3 +92,14 @@ class PartitionedEMA:
                              "or ZeRO stage?)")
         for s, saved in zip(self.shadow, state["shadow"]):
             s.copy_(saved)
+
+
+def whole_average(shares: list[list[torch.Tensor]], shapes: list[torch.Size], zero3: bool) -> list[torch.Tensor]:
+    """The whole averaged parameters, in fp32, from every rank's `state_dict()["shadow"]` (rank
+    order): under ZeRO-3 each rank holds a flat slice of every parameter, the last one padded;
+    below it every rank holds the whole parameter."""
+    if not zero3:
+        return [s.float() for s in shares[0]]
+    return [torch.cat([share[i].flatten() for share in shares])[:shape.numel()].view(shape).float()
+            for i, shape in enumerate(shapes)]
+

@@ -95,8 +95,8 @@ def train_loop(loop_config: dict) -> None:
     found = checkpoint.choose(newest, rank, world, device)  # before DeepSpeed: it may change its config
     checked_s = time.perf_counter() - began
     ds_config = deepspeed_config(cfg, world)
-    if found is not None and found[1]["world_size"] != world:
-        ds_config["checkpoint"] = {"load_universal": True}
+    if found is not None and found[1]["world_size"] != world and cfg.deepspeed.zero_stage > 0:
+        ds_config["checkpoint"] = {"load_universal": True}  # checkpoint.load converts the shards
     model = build_model(cfg)
     engine, _, _, lr_schedule = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config)
@@ -197,10 +197,12 @@ def train_loop(loop_config: dict) -> None:
                     "loss": (sums[0] / sums[2]).item(),
                     "nelbo_bits_per_token": (sums[1] / sums[2]).item(),
                     "lr": lr_schedule.get_last_lr()[0],
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                     "tokens_per_s": sums[2].item() * cfg.data.seq_len / (now - last),
                     "samples_seen": step * cfg.train.global_batch,
                 })
+                grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed keeps none (stage 0, fp32)
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
                 sums.zero_()
                 last = now
             histograms = {}
