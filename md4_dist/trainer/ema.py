@@ -102,4 +102,3 @@ def whole_average(shares: list[list[torch.Tensor]], shapes: list[torch.Size], ze
         return [s.float() for s in shares[0]]
     return [torch.cat([share[i].flatten() for share in shares])[:shape.numel()].view(shape).float()
             for i, shape in enumerate(shapes)]
-
