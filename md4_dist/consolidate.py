@@ -7,9 +7,10 @@ from, on any device and with no DeepSpeed engine or Ray.
 
 `URL` may be a run directory (the latest checkpoint Ray registered for it), or one checkpoint
 directory, `<run_dir>/checkpoints/checkpoint-<step>-<attempt>`, local or on object storage.
-The trained weights come from DeepSpeed's fp32 copy of the ZeRO shards (its own consolidation,
-`zero_to_fp32`); the EMA's from the ranks' shares in rank-*.pt (trainer/ema.py): under ZeRO-3 each
-rank averaged its flat slice of every parameter, so the slices are joined and the padding cut.
+The trained weights are DeepSpeed's fp32 master weights, wherever its optimizer keeps them
+(`Checkpoint._trained`); the EMA's come from the ranks' shares in rank-*.pt (trainer/ema.py):
+under ZeRO-3 each rank averaged its flat slice of every parameter, so the slices are joined and
+the padding cut.
 From object storage only the files the chosen weights need are copied: the EMA shares are about
 a quarter of a checkpoint that also holds the optimizer's fp32 weights and moments.
 """
@@ -155,10 +156,9 @@ def _parameters(cfg: Config) -> list[tuple[str, torch.nn.Parameter]]:
 @contextmanager
 def open_checkpoint(url: str, storage: StorageConfig | None = None):
     """The checkpoint at `url` (see the module docstring), copied locally if it is remote."""
-    url = url.rstrip("/")
-    url = _checkpoint_dir(url, storage)
+    url, raw = _checkpoint_dir(url.rstrip("/"), storage)
     try:
-        state = json.loads(read_bytes(join(url, "state.json"), storage))
+        state = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{join(url, 'state.json')} is not valid JSON ({e})") from None
     if state.get("format_version") != FORMAT_VERSION:
@@ -174,32 +174,23 @@ def open_checkpoint(url: str, storage: StorageConfig | None = None):
         yield Checkpoint(url, state, local, storage)
 
 
-def _checkpoint_dir(url: str, storage: StorageConfig | None) -> str:
-    """`url` itself when it holds state.json, else the latest checkpoint its run registered."""
-    if _read_if_there(join(url, "state.json"), storage) is not None:
-        return url
+def _checkpoint_dir(url: str, storage: StorageConfig | None) -> tuple[str, bytes]:
+    """The checkpoint directory and its state.json: `url` itself when it holds one, else the
+    latest checkpoint its run registered."""
+    raw = read_bytes(join(url, "state.json"), storage, missing_ok=True)
+    if raw is not None:
+        return url, raw
     for record in (join(join(url, "checkpoints"), SNAPSHOT), join(url, SNAPSHOT)):
-        raw = _read_if_there(record, storage)
-        if raw is None:
+        snapshot = read_bytes(record, storage, missing_ok=True)
+        if snapshot is None:
             continue
         try:
-            latest = json.loads(raw).get("latest_checkpoint_result")
+            latest = json.loads(snapshot).get("latest_checkpoint_result")
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{record} is not valid JSON ({e})") from None
         if not latest:
             raise CheckpointError(f"the run at {url} has no checkpoint yet ({record} lists none)")
-        return join(record.rsplit("/", 1)[0], latest["checkpoint_dir_name"])
+        found = join(record.rsplit("/", 1)[0], latest["checkpoint_dir_name"])
+        return found, read_bytes(join(found, "state.json"), storage)
     raise CheckpointError(f"no checkpoint at {url}: it is neither a checkpoint directory (with "
                           f"state.json) nor a run directory (with checkpoints/{SNAPSHOT})")
-
-
-def _read_if_there(url: str, storage: StorageConfig | None) -> bytes | None:
-    """The file's bytes, or None when it does not exist; any other failure (credentials, an
-    unreachable endpoint, access denied) is an error that names the URL."""
-    try:
-        fs, path = filesystem(url, storage)
-        return fs.cat_file(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
-        raise explain(url, e) from e

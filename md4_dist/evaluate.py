@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         model = ckpt.model(ema=not args.no_ema).to(dev)
     V, L = cfg.model.vocab_size, cfg.data.seq_len
     per_forward = max(1, args.batch_size // args.t_samples)  # sequences
-    result = {}
+    tokens_per_byte = entropy = None  # known for text, and for some datasets
     if args.text is not None:
         from data_tools.sources import all_documents, expand
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         if not docs:
             raise ValueError(f"--text {' '.join(args.text)} holds no documents")
         rows, text_bytes = pack_documents(sp, docs, L)
-        result["bits_per_byte_scale"] = rows.size / text_bytes  # tokens per byte, of all the text
+        tokens_per_byte = rows.size / text_bytes  # of all the text
         rows = torch.from_numpy(rows[:args.max_sequences or None])
         total, batches, data = len(rows), rows.split(per_forward), {"text": args.text}
     else:
@@ -129,20 +129,18 @@ def main(argv=None) -> int:
         batches = _manifest_rows(manifest, args.split, per_forward, cfg.train.seed, total, cfg.storage)
         data = {"data": manifest.url, "split": args.split}
         if split.source_bytes:
-            result["bits_per_byte_scale"] = split.tokens / split.source_bytes
-        if manifest.entropy_bits_per_token is not None:
-            result["entropy_bits_per_token"] = manifest.entropy_bits_per_token
+            tokens_per_byte = split.tokens / split.source_bytes
+        entropy = manifest.entropy_bits_per_token
 
     generator = torch.Generator().manual_seed(args.seed)
     with tqdm(total=total, unit="seq", desc="evaluate", file=sys.stderr) as bar:
         bits = sequence_nelbos(model, batches, args.t_samples, generator, dev, bar)
     out = summary(bits)
-    scale = result.pop("bits_per_byte_scale", None)
-    if scale is not None:
-        out["bits_per_byte"] = out["nelbo_bits_per_token"] * scale
-    if "entropy_bits_per_token" in result:
-        out["entropy_bits_per_token"] = result["entropy_bits_per_token"]
-        out["gap_bits_per_token"] = out["nelbo_bits_per_token"] - result["entropy_bits_per_token"]
+    if tokens_per_byte is not None:
+        out["bits_per_byte"] = out["nelbo_bits_per_token"] * tokens_per_byte
+    if entropy is not None:
+        out["entropy_bits_per_token"] = entropy
+        out["gap_bits_per_token"] = out["nelbo_bits_per_token"] - entropy
     out.update(tokens=out["sequences"] * L, checkpoint=ckpt.url, step=ckpt.step,
                weights="trained" if args.no_ema else "ema", t_samples=args.t_samples, seed=args.seed, **data)
     print(json.dumps(out), flush=True)

@@ -29,7 +29,7 @@ from md4_dist.diffusion.objectives import DiffusionConfig
 from md4_dist.diffusion.schedules import MaskingSchedule
 from md4_dist.model import Denoiser, ModelConfig
 from md4_dist.strict_config import ConfigError, from_dict, to_dict
-from md4_dist.tokenizer import read_tokenizer
+from md4_dist.tokenizer import load_tokenizer, read_tokenizer
 from md4_dist.trainer.checkpoint import CheckpointError
 from md4_dist.trainer.module import DiffusionModel
 
@@ -112,9 +112,7 @@ def load_pretrained(path: str, device: str | torch.device = "cpu",
     model.load_state_dict(weights)
     tokenizer = None
     if config["tokenizer"] is not None:
-        import sentencepiece as spm
-
         record = {"url": join(path, config["tokenizer"]["file"]), "sha256": config["tokenizer"]["sha256"]}
-        tokenizer = spm.SentencePieceProcessor(model_proto=read_tokenizer(record, storage=storage))
+        tokenizer = load_tokenizer(record, storage=storage)
     return Pretrained(model.to(device).eval(), diffusion_cfg, config["seq_len"], tokenizer, config["eos_id"])
 

@@ -119,10 +119,16 @@ def explain(url: str, exc: BaseException) -> StorageError:
     return StorageError(f"{url}: {name}: {text}")
 
 
-def read_bytes(url: str, cfg: StorageConfig | None = None) -> bytes:
+def read_bytes(url: str, cfg: StorageConfig | None = None, missing_ok: bool = False) -> bytes | None:
+    """The file's bytes; with missing_ok, None when it does not exist (any other failure is
+    still an error that names the URL)."""
     try:
         fs, path = filesystem(url, cfg)
         return fs.cat_file(path)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        if missing_ok:
+            return None
+        raise explain(url, e) from e
     except Exception as e:  # noqa: BLE001 - re-raised with the URL named
         raise explain(url, e) from e
 

@@ -164,6 +164,13 @@ def _inspect(checkpoint, rank: int, world: int) -> tuple[dict | None, str | None
     return state, None
 
 
+def converts(state: dict, world: int, zero_stage: int) -> bool:
+    """Whether resuming from a checkpoint with `state` at `world` goes through the universal
+    conversion (the engine must then be started with `load_universal`): the world size changed
+    and the shards are partitioned; stage 0's one file loads at any size."""
+    return state["world_size"] != world and zero_stage > 0
+
+
 def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
     """Load the checkpoint into the engine; returns the rank states of the ranks that wrote it
     (all of them when the world size changed, else this rank's alone).
@@ -175,7 +182,7 @@ def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
     resized = state["world_size"] != world
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
         load_dir = d
-        if resized and engine.zero_optimization_stage() > 0:  # stage 0's one file fits any size
+        if converts(state, world, engine.zero_optimization_stage()):
             began = time.perf_counter()
             to_universal(os.path.join(d, TAG), os.path.join(u, TAG))
             print(f"rank {rank}: converted to a universal checkpoint in "

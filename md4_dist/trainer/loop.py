@@ -95,8 +95,8 @@ def train_loop(loop_config: dict) -> None:
     found = checkpoint.choose(newest, rank, world, device)  # before DeepSpeed: it may change its config
     checked_s = time.perf_counter() - began
     ds_config = deepspeed_config(cfg, world)
-    if found is not None and found[1]["world_size"] != world and cfg.deepspeed.zero_stage > 0:
-        ds_config["checkpoint"] = {"load_universal": True}  # checkpoint.load converts the shards
+    if found is not None and checkpoint.converts(found[1], world, cfg.deepspeed.zero_stage):
+        ds_config["checkpoint"] = {"load_universal": True}
     model = build_model(cfg)
     engine, _, _, lr_schedule = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config)
