@@ -162,7 +162,7 @@ def resize(args, work: str, data: str) -> dict:
             "start_timeout_s": args.start_timeout}
 
 
-STEP = re.compile(r"step (\d+)/100000")
+STEP = re.compile(r"step (\d+)/\d+")
 RESUMED = re.compile(r"resuming after step (\d+) .*\((\d+) workers then, (\d+) now\)")
 
 

@@ -12,8 +12,8 @@ import psutil
 import pytest
 import torch
 
-from md4_dist.data import TokenStream, load_manifest
-from md4_dist.trainer.metrics import effective_ledger
+from md4_dist.data import load_manifest
+from md4_dist.trainer.metrics import ledger_problems, read_ledger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"tokens_per_s"}  # wall-clock figures; everything else must repeat exactly
@@ -67,18 +67,10 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def ledger_lines(run_dir) -> list[dict]:
-    return [json.loads(line) for f in sorted((run_dir / "samples").iterdir())
-            for line in f.read_text().splitlines()]
-
-
-def assert_exactly_once(lines, data, steps):
+def assert_exactly_once(run_dir, data, steps):
     """The effective ledger holds steps 1..steps, each with the stream's own sequences for it."""
-    effective = effective_ledger(lines)
-    assert sorted(effective) == list(range(1, steps + 1))
-    stream = TokenStream(load_manifest(data), "train", 32, seed=0)  # tiny.json's batch and seed
-    for step, batch in zip(range(1, steps + 1), stream):
-        assert sorted(effective[step]) == sorted(batch["ids"].tolist()), f"step {step}"
+    problems = ledger_problems(read_ledger(str(run_dir)), load_manifest(data), 32, 0, steps)  # tiny.json's
+    assert not problems, problems[:5]
 
 
 LONG = ("train.steps=100", "eval.every=50")  # room to stop a run after its second checkpoint
@@ -222,9 +214,8 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_
     assert "resuming after step" in log
 
     assert [r["step"] for r in records(run_dir)] == list(range(5, 61, 5))
-    lines = ledger_lines(run_dir)
-    assert len({e["attempt"] for e in lines}) == 2, "the killed attempt and the restarted one"
-    assert_exactly_once(lines, tiny_data, 60)
+    assert len({e["attempt"] for e in read_ledger(str(run_dir))}) == 2, "the killed attempt and the restarted one"
+    assert_exactly_once(run_dir, tiny_data, 60)
 
 
 def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monkeypatch):
@@ -284,6 +275,22 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
     assert [r["step"] for r in got] == list(range(10, 601, 10))
     jumps = [abs(a["nelbo_bits_per_token"] - b["nelbo_bits_per_token"]) for a, b in zip(got, got[1:])]
     assert max(jumps) < 0.5, jumps
-    lines = ledger_lines(run_dir)
-    assert {e["world_size"] for e in lines} == {1, 2}
-    assert_exactly_once(lines, tiny_data, 600)
+    assert {e["world_size"] for e in read_ledger(str(run_dir))} == {1, 2}
+    assert_exactly_once(run_dir, tiny_data, 600)
+
+
+def test_ledger_check_names_a_missing_step_and_a_sequence_trained_twice(tiny_data):
+    """The exactly-once check the tests and benchmarks/multi_gpu.py rely on fails when it should."""
+    from md4_dist.data import TokenStream
+
+    manifest = load_manifest(tiny_data)
+    steps = [b["ids"].tolist() for _, b in zip(range(3), TokenStream(manifest, "train", 32, seed=0))]
+    good = [{"step": s + 1, "attempt": 1, "ids": ids} for s, ids in enumerate(steps)]
+    assert ledger_problems(good, manifest, 32, 0, 3) == []
+    # a restarted attempt rewrites step 3; its entry wins over the first attempt's
+    assert ledger_problems(good + [{"step": 3, "attempt": 2, "ids": steps[2]}], manifest, 32, 0, 3) == []
+    assert "missing [2]" in ledger_problems([good[0], good[2]], manifest, 32, 0, 3)[0]
+    twice = good[:2] + [{"step": 3, "attempt": 1, "ids": steps[2][:-1] + steps[1][:1]}]
+    assert ledger_problems(twice, manifest, 32, 0, 3) == [
+        f"step 3: 1 of the stream's sequences missing [{steps[2][-1]}], 1 others or repeats trained "
+        f"[{steps[1][0]}]"]

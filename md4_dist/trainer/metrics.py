@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 import os
 import tempfile
 
 from torch.utils.tensorboard import SummaryWriter
 
-from md4_dist.data.storage import StorageConfig, explain, filesystem, protocol
+from md4_dist.data.storage import StorageConfig, explain, filesystem, join, list_dir, protocol, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +125,33 @@ def effective_ledger(lines: list[dict]) -> dict[int, list[int]]:
         if e["attempt"] == latest[e["step"]]:
             steps.setdefault(e["step"], []).extend(e["ids"])
     return steps
+
+
+def read_ledger(run_dir: str, storage: StorageConfig | None = None) -> list[dict]:
+    """Every rank's ledger entries under run_dir/samples (local or object storage)."""
+    folder = join(run_dir, "samples")
+    return [json.loads(line) for name in sorted(list_dir(folder, storage))
+            for line in read_bytes(join(folder, name), storage).decode().splitlines()]
+
+
+def ledger_problems(lines: list[dict], manifest, global_batch: int, seed: int, steps: int) -> list[str]:
+    """What keeps the effective ledger from being the stream's own order, trained exactly once:
+    steps 1..steps, each with the sequences a 1-rank stream of `global_batch` gives it (the order
+    every world size reads). [] when there is nothing."""
+    from md4_dist.data import TokenStream
+
+    effective = effective_ledger(lines)
+    if sorted(effective) != list(range(1, steps + 1)):
+        missing = sorted(set(range(1, steps + 1)) - set(effective))
+        extra = sorted(set(effective) - set(range(1, steps + 1)))
+        return [f"the ledger's steps are not 1..{steps}: missing {missing[:10]}, extra {extra[:10]}"]
+    stream = TokenStream(manifest, "train", global_batch, seed=seed)
+    problems = []
+    for step, batch in zip(range(1, steps + 1), stream):
+        got, want = Counter(effective[step]), Counter(batch["ids"].tolist())
+        if got != want:
+            missing, extra = want - got, got - want
+            problems.append(f"step {step}: {missing.total()} of the stream's sequences missing "
+                            f"{sorted(missing)[:5]}, {extra.total()} others or repeats trained "
+                            f"{sorted(extra)[:5]}")
+    return problems

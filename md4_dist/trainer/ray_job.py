@@ -12,9 +12,11 @@ from md4_dist.trainer import checkpoint
 from md4_dist.trainer.loop import train_loop
 from md4_dist.trainer.stop import StopRequest, on_sigterm
 
-# Passed to every worker when set: the compiled-op cache, NCCL and S3 settings.
-FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+# Passed to every worker when set: the compiled-op cache, the NVLink-multicast switches of NCCL,
+# PyTorch and NVSHMEM (some hosts must keep multicast off), and S3 settings.
+FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+                 "NVSHMEM_DISABLE_NVLS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
 
 
 def fit(cfg: Config) -> int:
