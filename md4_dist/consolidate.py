@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,26 +36,41 @@ from md4_dist.trainer.module import DiffusionModel
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 @dataclass
 class Checkpoint:
     url: str  # the checkpoint directory
     state: dict  # its state.json
     local: str  # the directory itself, or (remote) a temporary one its files are copied into
     storage: StorageConfig | None = None
+    copied: set[str] = field(default_factory=set)  # names already copied from a remote checkpoint
 
     def files(self, *names: str) -> str:
         """The local directory that holds `names` (files or directories of the checkpoint),
-        copying those not copied yet when the checkpoint is remote."""
+        copying those not copied yet when the checkpoint is remote. Each lands under a temporary
+        name first, so a copy that fails half-way is never taken for a whole one."""
         if protocol(self.url) != "file":
             for name in names:
-                if not os.path.exists(os.path.join(self.local, name)):
-                    try:
-                        fs, path = filesystem(join(self.url, name), self.storage)
-                        target = os.path.join(self.local, name)
-                        os.makedirs(os.path.dirname(target), exist_ok=True)
-                        fs.get(path, target, recursive=fs.isdir(path))
-                    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
-                        raise explain(join(self.url, name), e) from e
+                if any(name == c or name.startswith(f"{c}/") for c in self.copied):
+                    continue
+                target = os.path.join(self.local, name)
+                partial = f"{target}.partial"
+                try:
+                    fs, path = filesystem(join(self.url, name), self.storage)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    fs.get(path, partial, recursive=fs.isdir(path))
+                except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+                    _remove(partial)
+                    raise explain(join(self.url, name), e) from e
+                _remove(target)  # a directory of which single files were copied before
+                os.replace(partial, target)
+                self.copied.add(name)
         return self.local
 
     @property

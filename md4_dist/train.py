@@ -109,7 +109,11 @@ def main(argv=None) -> int:
         return 2
     from md4_dist.trainer.ray_job import fit  # the one place Ray enters
 
-    step = fit(cfg)
+    try:
+        step = fit(cfg)
+    except ConfigError as e:  # the cluster cannot hold the workers asked for
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Stopped early (SIGTERM): not a success for a scheduler, which may run the command again.
     return 0 if step == cfg.train.steps else 128 + signal.SIGTERM
 

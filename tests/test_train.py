@@ -130,6 +130,7 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     import torch
 
     from md4_dist.consolidate import open_checkpoint
+    from md4_dist.data.storage import StorageError
 
     assert run_cli(export, ["--checkpoint", run_dir, "--out", f"{s3_bucket}/exported"]) == 0
     got = load_pretrained(f"{s3_bucket}/exported").model.state_dict()
@@ -139,6 +140,12 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
         assert sorted(os.listdir(ckpt.local)) == ["rank-00000.pt", "rank-00001.pt"], "the EMA's files only"
         trained = ckpt.weights(ema=False)  # from the ZeRO-3 shards, copied now
         assert "step" in os.listdir(ckpt.local)
+        stamp = os.stat(os.path.join(ckpt.local, "step")).st_mtime_ns
+        ckpt.files("step", "rank-00000.pt")  # each copied once
+        assert os.stat(os.path.join(ckpt.local, "step")).st_mtime_ns == stamp
+        with pytest.raises(StorageError, match=f"{ckpt.url}/nothing-here does not exist"):
+            ckpt.files("nothing-here")
+        assert sorted(os.listdir(ckpt.local)) == ["rank-00000.pt", "rank-00001.pt", "step"]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert trained.keys() == want.keys() and not all(torch.equal(trained[k], want[k]) for k in want)
     capsys.readouterr()
@@ -166,6 +173,20 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path, tiny_data, sets, me
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "ray" not in r.stderr.lower().split("error:")[0]  # nothing was launched
     assert time.monotonic() - t < 60
+
+
+def test_workers_the_embedded_instance_cannot_hold_fail_at_once(tmp_path, tiny_data):
+    """Ray would wait for the CPUs and retry without end; the embedded instance is this machine,
+    so the run fails, naming the keys."""
+    cpus = os.cpu_count() + 1
+    t = time.monotonic()
+    r = train(f"train.run_dir={tmp_path / 'run'}", f"data.manifest={tiny_data}", "cluster.num_workers=[1, 2]",
+              f"cluster.cpus_per_worker={cpus}", "train.global_batch=32")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (f"cannot hold 1 worker(s) (cluster.num_workers = [1, 2], its minimum): they need {cpus} "
+            f"CPUs (cluster.cpus_per_worker = {cpus} each)") in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert time.monotonic() - t < 120
 
 
 def test_evaluation_without_a_val_split_fails_before_any_worker_starts(tmp_path):

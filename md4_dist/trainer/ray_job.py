@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from md4_dist.config import Config
+from md4_dist.config import Config, ConfigError
 from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
 from md4_dist.trainer import checkpoint
@@ -17,6 +17,31 @@ from md4_dist.trainer.stop import StopRequest, on_sigterm
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                  "NVSHMEM_DISABLE_NVLS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
                  "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
+def check_room(cfg: Config, have: dict, embedded: bool) -> None:
+    """The smallest worker group must fit the cluster. Ray would otherwise wait for resources and
+    retry without end: on the embedded instance, whose resources are this machine's, that is an
+    error; an attached cluster may grow (an autoscaler), so there it is a note."""
+    workers = cfg.cluster.world_sizes[0]
+    need = {"CPU": workers * cfg.cluster.cpus_per_worker}
+    why = {"CPU": f"cluster.cpus_per_worker = {cfg.cluster.cpus_per_worker} each"}
+    if cfg.cluster.use_gpu:
+        need["GPU"], why["GPU"] = workers, "cluster.use_gpu = true: one each"
+    short = [f"{need[k]} {k}s ({why[k]})" for k in need if have.get(k, 0) < need[k]]
+    if not short:
+        return
+    has = f"{have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs"
+    n = cfg.cluster.num_workers
+    asked = n if isinstance(n, int) else f"[{n[0]}, {n[1]}], its minimum"
+    what = (f"{workers} worker(s) (cluster.num_workers = {asked}): they "
+            f"need {' and '.join(short)}")
+    if embedded:
+        raise ConfigError(f"the embedded Ray instance (this machine: {has}) cannot hold {what}. "
+                          "Lower those config keys, or attach to a larger cluster (ray job submit, "
+                          "or RAY_ADDRESS)")
+    print(f"note: this Ray cluster ({has} now) cannot hold {what}; the job waits until the "
+          "cluster grows (an autoscaler adding nodes)", flush=True)
 
 
 def fit(cfg: Config) -> int:
@@ -32,8 +57,10 @@ def fit(cfg: Config) -> int:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     if not ray.is_initialized():
         # Inside `ray job submit`, or with RAY_ADDRESS set, this attaches to that cluster;
-        # otherwise it starts a local Ray instance sized to this machine (the embedded default).
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        # otherwise it starts a local Ray instance sized to this machine (the embedded default),
+        # also where `ray start` left a cluster running.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    check_room(cfg, ray.cluster_resources(), embedded="RAY_ADDRESS" not in os.environ)
     # Ray Train keeps its own state under the run directory; on object storage it goes through
     # the same fsspec filesystem (endpoint, credentials, timeouts) as everything else.
     if protocol(cfg.train.run_dir) == "file":
