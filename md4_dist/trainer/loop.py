@@ -155,6 +155,8 @@ def train_loop(loop_config: dict) -> None:
     watch = StopWatch(loop_config["stop"], rank, cfg.cluster.collective_timeout_s)
 
     def save(step: int, why: str) -> None:
+        if ledger is not None:  # before the checkpoint: a resume from it never rewrites these steps
+            ledger.upload()
         cost = checkpoint.save(
             engine, step,
             state={"samples_seen": step * cfg.train.global_batch, "reader": reader_state,
@@ -164,8 +166,6 @@ def train_loop(loop_config: dict) -> None:
             rank_state={"sums": sums.cpu(), "ema": ema.state_dict() if ema else None,
                         "rng": torch.get_rng_state()},
             metrics={"step": step}, rank=rank, attempt=attempt)
-        if ledger is not None:
-            ledger.upload()
         if rank == 0:
             print(f"checkpoint after step {step}{f' ({why})' if why else ''}: "
                   f"{cost['bytes'] / 2**30:.3f} GiB, written in {cost['write_s']:.1f} s, "

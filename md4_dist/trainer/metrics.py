@@ -3,8 +3,9 @@ scalars (under the same names), and each rank's sample ledger.
 
 A local run directory is written in place. Object storage (s3://, gs://) cannot append, so the
 files are kept in a local staging directory (seeded with what the run directory already holds)
-and uploaded: the metrics after every record, where an upload that fails is logged and retried
-with the next one; the ledger at every checkpoint. `close()` raises if the last upload fails.
+and uploaded: the metrics after every record, from a thread of their own, where an upload that
+fails is logged and retried with the next one; the ledger at every checkpoint, before the
+checkpoint is reported. `MetricsWriter.close()` raises if the last upload fails.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from collections import Counter
 import os
 import tempfile
+import threading
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -70,6 +72,7 @@ class MetricsWriter:
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.tb = SummaryWriter(self.files.path("tensorboard"), purge_step=start_step)
+        self.uploads = BackgroundUploads(self.files) if self.files.remote else None
 
     def write(self, record: dict, histograms: dict | None = None, texts: dict | None = None) -> None:
         """record: {"step", name: value, ...}, one line of metrics.jsonl (when it holds more than
@@ -86,13 +89,45 @@ class MetricsWriter:
         for name, text in (texts or {}).items():
             self.tb.add_text(name, text, step)
         self.tb.flush()
-        try:
-            self.files.upload()
-        except OSError as e:  # a storage hiccup must not end the run
-            log.warning("metrics upload failed, retried with the next record: %s", e)
+        if self.uploads is not None:
+            self.uploads.request()
 
     def close(self) -> None:
         self.tb.close()
+        if self.uploads is not None:
+            self.uploads.close()
+
+
+class BackgroundUploads:
+    """Uploads staged files from a thread of its own, so that the training loop never waits for
+    object storage at a record: a request during an upload makes one more after it (of the newest
+    files); a failed upload is logged and retried at the next request; close() waits for the one
+    under way, uploads a last time and raises if that fails."""
+
+    def __init__(self, files: StagedFiles):
+        self.files, self.closing = files, False
+        self.wanted = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="md4_dist-metrics-upload", daemon=True)
+        self.thread.start()
+
+    def request(self) -> None:
+        self.wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            if self.closing:
+                return
+            try:
+                self.files.upload()
+            except Exception as e:  # noqa: BLE001 - a storage hiccup must not end the run
+                log.warning("metrics upload failed, retried with the next record: %s", e)
+
+    def close(self) -> None:
+        self.closing = True
+        self.wanted.set()
+        self.thread.join()
         self.files.upload()
 
 
