@@ -37,6 +37,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,23 +75,32 @@ def write_corpus(out: str, vocab_size: int, seq_len: int, sequences: int) -> str
     return out
 
 
-def base_config(model: str):
+def common_sets(model: str, args) -> list[str]:
+    """The overrides of every run of `model`; --set last, so that it wins."""
+    on_gpu = args.device == "cuda"
+    return [f"train.micro_batch={MODELS[model][1]}", "deepspeed.zero_stage=3",
+            f"cluster.use_gpu={'true' if on_gpu else 'false'}",
+            f"deepspeed.precision={'bf16' if on_gpu else 'fp32'}",
+            f"train.compile={args.compile if on_gpu else 'off'}",
+            "eval.every=0", "logging.sample_every=0", *args.set]
+
+
+def run_config(model: str, args):
+    """The config the runs of `model` get, short of the data, run directory and cluster size."""
     from md4_dist.config import load_config
 
-    return load_config(os.path.join(ROOT, "configs", MODELS[model][0]))
+    return load_config(os.path.join(ROOT, "configs", MODELS[model][0]), common_sets(model, args))
 
 
 def train_command(model: str, args, data: str, run_dir: str, *sets: str) -> list[str]:
-    on_gpu = args.device == "cuda"
     cmd = [sys.executable, "-m", "md4_dist.train", os.path.join(ROOT, "configs", MODELS[model][0])]
-    for s in (f"data.manifest={data}", f"train.run_dir={run_dir}",
-              f"train.micro_batch={MODELS[model][1]}", "deepspeed.zero_stage=3",
-              f"cluster.use_gpu={'true' if on_gpu else 'false'}",
-              f"deepspeed.precision={'bf16' if on_gpu else 'fp32'}",
-              f"train.compile={args.compile if on_gpu else 'off'}",
-              "eval.every=0", "logging.sample_every=0", *sets, *args.set):
+    for s in (f"data.manifest={data}", f"train.run_dir={run_dir}", *sets, *common_sets(model, args)):
         cmd += ["--set", s]
     return cmd
+
+
+def failed(what: str, log_path: str) -> SystemExit:
+    return SystemExit(f"{what}: see {log_path}")
 
 
 def device_name(args) -> str:
@@ -101,10 +111,14 @@ def device_name(args) -> str:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/multi_gpu.py needs CUDA devices and none is visible here: run it on a "
                  "machine with NVIDIA GPUs, or pass --device cpu to check the script itself")
-    most = max(args.workers)
-    if torch.cuda.device_count() < most:
-        sys.exit(f"--workers {most} needs {most} GPUs; this machine has {torch.cuda.device_count()}")
-    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    count = torch.cuda.device_count()
+    if args.what == "elastic" and args.workers[0] > count:
+        sys.exit(f"--workers {args.workers[0]} needs {args.workers[0]} GPUs; this machine has {count}")
+    if max(args.workers) > count:
+        print(f"this machine has {count} GPUs: skipping --workers "
+              f"{' '.join(str(w) for w in args.workers if w > count)}", flush=True)
+        args.workers = [w for w in args.workers if w <= count]
+    return f"{count} x {torch.cuda.get_device_name(0)}"
 
 
 def write_result(args, name: str, result: dict) -> None:
@@ -114,13 +128,14 @@ def write_result(args, name: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
-def scaling(args, work: str, device: str, command: str) -> None:
+def scaling(args, work: str, device: str, command: str) -> bool:
+    """One run per model and worker count; False if any failed."""
     from throughput import flops_per_token
 
-    peak = args.peak_tflops * 1e12
+    peak, ok = args.peak_tflops * 1e12, True
     for model in args.models:
-        cfg = base_config(model)
-        L, mb = cfg.data.seq_len, MODELS[model][1]
+        cfg = run_config(model, args)
+        L, mb = cfg.data.seq_len, cfg.train.micro_batch
         # 16 steps of the largest run per epoch (the stream repeats it, in a new order each time)
         data = write_corpus(os.path.join(work, f"data-{model}"), cfg.model.vocab_size, L,
                             sequences=16 * mb * max(args.workers))
@@ -132,15 +147,22 @@ def scaling(args, work: str, device: str, command: str) -> None:
                                 f"checkpoint.every={args.steps}", "checkpoint.keep=1",
                                 f"logging.every={args.log_every}")
             began = time.perf_counter()
-            r = subprocess.run(cmd, capture_output=True, text=True, env=environment(), cwd=ROOT)
-            if r.returncode != 0:
-                tail = (r.stdout + r.stderr).strip().splitlines()[-5:]
-                print(f"{model:12s} {n} workers  failed: {' | '.join(tail)}", flush=True)
+            log_path = f"{run_dir}.log"
+            with open(log_path, "w") as log:
+                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment(),
+                                      cwd=ROOT).returncode
+            if code != 0:
+                print(f"{model:12s} {n} workers  failed (exit {code}): see {log_path}", flush=True)
+                ok = False
                 continue
             with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                 rates = [json.loads(line)["tokens_per_s"] for line in f][args.skip:]
+            shutil.rmtree(run_dir)  # its final checkpoint: tens of GB for the larger models
             if not rates:
-                sys.exit(f"no records left after --skip {args.skip}: raise --steps")
+                print(f"{model:12s} {n} workers  no records left after --skip {args.skip}: raise "
+                      "--steps", flush=True)
+                ok = False
+                continue
             per_gpu = spread([x / n for x in rates])
             if n == 1:
                 per_gpu_at_1 = per_gpu["median"]
@@ -162,9 +184,10 @@ def scaling(args, work: str, device: str, command: str) -> None:
             print(f"{model:12s} {n} workers  {result['tokens_per_s']:>11,.0f} tok/s  per worker "
                   f"{per_gpu['median']:,.0f} (min {per_gpu['min']:,.0f}, max {per_gpu['max']:,.0f}, "
                   f"n={per_gpu['n']}){mfu}  efficiency {eff}  ({result['wall_s']:.0f} s wall)", flush=True)
+    return ok
 
 
-def elastic(args, work: str, device: str, command: str) -> None:
+def elastic(args, work: str, device: str, command: str) -> bool:
     import psutil
     from ray.cluster_utils import Cluster
 
@@ -174,8 +197,8 @@ def elastic(args, work: str, device: str, command: str) -> None:
     n, model, every = args.workers[0], args.model, args.checkpoint_every
     if n < 2:
         sys.exit("elastic needs --workers N with N >= 2")
-    cfg = base_config(model)
-    mb = MODELS[model][1]
+    cfg = run_config(model, args)
+    mb = cfg.train.micro_batch
     global_batch = math.lcm(n - 1, n) * mb  # whole micro-batches at N - 1 and at N workers
     data = write_corpus(os.path.join(work, f"data-{model}"), cfg.model.vocab_size, cfg.data.seq_len,
                         sequences=4 * global_batch)
@@ -187,9 +210,9 @@ def elastic(args, work: str, device: str, command: str) -> None:
     def add_node(cluster, gpu: int):
         if args.device == "cpu":
             return cluster.add_node(num_cpus=cpus)
-        # The node's raylet, and so its workers, see this GPU alone.
+        # The node's raylet, and so its workers, see this GPU alone (the gpu-th of those visible).
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ["CUDA_VISIBLE_DEVICES"] = saved.split(",")[gpu] if saved else str(gpu)
         try:
             return cluster.add_node(num_cpus=cpus, num_gpus=1)
         finally:
@@ -221,24 +244,29 @@ def elastic(args, work: str, device: str, command: str) -> None:
                     events = Events(log_path, proc)
                     events.until(lambda: committed(run_dir, every) and events.max_step() >= every + every // 2)
                     raylet = psutil.Process(nodes[-1].all_processes["raylet"][0].process.pid)
-                    workers = [p for p in raylet.children(recursive=True) if p.name() == "ray::RayTrainWorker"]
+                    # "ray::RayTrainWorker", or with ".<method>" during a call; not its DataLoader workers
+                    workers = [p for p in raylet.children(recursive=True)
+                               if p.name().startswith("ray::RayTrainWorker")]
                     if len(workers) != 1:
-                        sys.exit(f"expected one training worker on the node, found {len(workers)}: {log_path}")
+                        raise failed(f"expected one training worker on the node, found {len(workers)}", log_path)
                     workers[0].send_signal(signal.SIGKILL)
                     cluster.remove_node(nodes.pop(), allow_graceful=False)
                     events.until(lambda: events.regained(n - 1))
                     # Grow only once the smaller group has committed a checkpoint of its own.
-                    shrunk = int(open(log_path).read().split(f"({n} workers then, {n - 1} now)")[0]
-                                 .rsplit("resuming after step ", 1)[1].split()[0])
+                    shrunk = resumed_step(log_path, f"({n} workers then, {n - 1} now)")
                     events.until(lambda: committed(run_dir, (shrunk // every + 1) * every))
                     nodes.append(add_node(cluster, n - 1))
                     events.until(lambda: events.regained(n))
                 finally:
                     proc.send_signal(signal.SIGTERM)  # it saves a checkpoint and exits 143
-                    code = proc.wait(timeout=900)
+                    try:
+                        code = proc.wait(timeout=900)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        code = proc.wait()
             out = open(log_path).read()
-            if code != 128 + signal.SIGTERM:
-                sys.exit(f"the run exited {code}, not 143 after SIGTERM: {log_path}")
+            if code != 128 + signal.SIGTERM or "stopped after step " not in out:
+                raise failed(f"the run exited {code}, not 143 with a checkpoint after SIGTERM", log_path)
             stopped = int(out.split("stopped after step ")[1].split()[0])
             lines = read_ledger(run_dir)
             problems = ledger_problems(lines, load_manifest(data), global_batch, cfg.train.seed, stopped)
@@ -258,10 +286,21 @@ def elastic(args, work: str, device: str, command: str) -> None:
             print(f"{model}: {n} -> {n - 1} -> {n} workers; lost per resize (s): {lost}; universal "
                   f"conversions (s, each rank its own): {conversions}; {stopped} steps, ledger exactly once: "
                   f"{not problems}{'' if not problems else ' ' + '; '.join(problems[:3])}", flush=True)
-            if len(lost) != 2:
-                sys.exit(f"expected a shrink and a grow, got {len(lost)} restarts: {log_path}")
+            if len(lost) != 2 or problems:
+                raise failed(f"expected a shrink and a grow with the ledger exactly once, got "
+                             f"{len(lost)} restarts and {len(problems)} ledger problems", log_path)
         finally:
             cluster.shutdown()
+    return True
+
+
+def resumed_step(log_path: str, marker: str) -> int:
+    """The step that the group which logged `marker` ("(4 workers then, 3 now)") resumed after."""
+    text = open(log_path).read()
+    before = text.split(marker)[0]
+    if marker not in text or "resuming after step " not in before:
+        raise failed(f"no resume {marker} in the log", log_path)
+    return int(before.rsplit("resuming after step ", 1)[1].split()[0])
 
 
 def main(argv=None) -> int:
@@ -296,11 +335,26 @@ def main(argv=None) -> int:
         args.models = ["tiny"]
     if args.device == "cpu" and args.what == "elastic" and args.model == ap.get_default("model"):
         args.model = "tiny"
+    from md4_dist.config import ConfigError
+
+    for model in (args.models if args.what == "scaling" else [args.model]):
+        try:
+            run_config(model, args)
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
     device = device_name(args)
     command = " ".join(["python", "benchmarks/multi_gpu.py", *(sys.argv[1:] if argv is None else argv)])
-    with tempfile.TemporaryDirectory(prefix="md4-multi-gpu-", dir=os.environ.get("TMPDIR")) as work:
-        (scaling if args.what == "scaling" else elastic)(args, work, device, command)
-    return 0
+    # Data, logs and run directories: removed after a clean finish, kept to read after a failure.
+    work = tempfile.mkdtemp(prefix="md4-multi-gpu-")
+    ok = False
+    try:
+        ok = (scaling if args.what == "scaling" else elastic)(args, work, device, command)
+    finally:
+        if ok:
+            shutil.rmtree(work)
+        else:
+            print(f"kept {work} (logs, run directories) to read", file=sys.stderr, flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

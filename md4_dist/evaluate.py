@@ -17,7 +17,7 @@ spread over sqrt(n), data and noise together. `--text` files are tokenized with 
 tokenizer and packed as training packed its data: documents (one per .txt file, or a line of
 .jsonl, a row of .parquet) each followed by EOS, back to back, the last row padded with EOS.
 Bits per byte are the bits per token times the tokens per UTF-8 byte of the whole text or split
-(with --max-sequences, an estimate from the first N sequences).
+(with --max-sequences or --skip-sequences, an estimate from the sequences evaluated).
 """
 
 from __future__ import annotations
@@ -68,14 +68,18 @@ def summary(bits: torch.Tensor) -> dict:
             "sequences": n}
 
 
-def _manifest_rows(manifest, split: str, batch: int, seed: int, limit: int, storage) -> Iterator[torch.Tensor]:
-    """The split's sequences in the seeded order training uses, the first `limit` of them."""
+def _manifest_rows(manifest, split: str, batch: int, seed: int, skip: int, limit: int,
+                   storage) -> Iterator[torch.Tensor]:
+    """The split's sequences in the seeded order training uses: `limit` of them after the first
+    `skip`."""
     stream = TokenStream(manifest, split, batch, seed=seed, loop=False, storage=storage)
     left = limit
     for b in stream:
-        x = b["tokens"][:left]
+        x = b["tokens"][skip:skip + left]
+        skip = max(0, skip - len(b["tokens"]))
         left -= len(x)
-        yield x
+        if len(x):
+            yield x
         if left == 0:
             return
 
@@ -92,11 +96,13 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="val", help="the dataset's split (with --data or the default)")
     ap.add_argument("--t-samples", type=int, default=4, help="diffusion times per sequence")
     ap.add_argument("--max-sequences", type=int, default=0, help="the first N sequences only; 0: all")
+    ap.add_argument("--skip-sequences", type=int, default=0, help="start after the first N sequences "
+                    "(with --max-sequences, disjoint parts of a split can be evaluated apart)")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences x t-samples per forward pass (GenMD4 doubles the rows: two masks each)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the diffusion times and masks")
     args = ap.parse_args(argv)
-    if args.t_samples < 1 or args.max_sequences < 0 or args.batch_size < 1:
-        ap.error("--t-samples and --batch-size must be >= 1, --max-sequences >= 0")
+    if args.t_samples < 1 or args.max_sequences < 0 or args.skip_sequences < 0 or args.batch_size < 1:
+        ap.error("--t-samples and --batch-size must be >= 1, --max-sequences and --skip-sequences >= 0")
     dev = cli.device(args.device)
 
     with open_checkpoint(args.checkpoint) as ckpt:
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--text {' '.join(args.text)} holds no documents")
         rows, text_bytes = pack_documents(sp, docs, L)
         tokens_per_byte = rows.size / text_bytes  # of all the text
-        rows = torch.from_numpy(rows[:args.max_sequences or None])
+        available, source = len(rows), f"--text {' '.join(args.text)}"
+        rows = torch.from_numpy(rows[args.skip_sequences:][:args.max_sequences or None])
         total, batches, data = len(rows), rows.split(per_forward), {"text": args.text}
     else:
         manifest = load_manifest(args.data or cfg.data.manifest, cfg.storage)
@@ -125,13 +132,18 @@ def main(argv=None) -> int:
                                  f"{(manifest.tokenizer or {}).get('url', 'no tokenizer')}, not the "
                                  f"model's {(ckpt.tokenizer or {}).get('url', 'token ids')}")
         split = manifest.split(args.split)
-        total = min(args.max_sequences or split.sequences, split.sequences)
-        batches = _manifest_rows(manifest, args.split, per_forward, cfg.train.seed, total, cfg.storage)
+        available, source = split.sequences, f"{manifest.url}, split {args.split}"
+        total = max(0, min(args.max_sequences or available, available - args.skip_sequences))
+        batches = _manifest_rows(manifest, args.split, per_forward, cfg.train.seed, args.skip_sequences,
+                                 total, cfg.storage)
         data = {"data": manifest.url, "split": args.split}
         if split.source_bytes:
             tokens_per_byte = split.tokens / split.source_bytes
         entropy = manifest.entropy_bits_per_token
 
+    if total == 0:
+        raise ValueError(f"--skip-sequences {args.skip_sequences} leaves none of the {available} "
+                         f"sequences of {source}")
     generator = torch.Generator().manual_seed(args.seed)
     with tqdm(total=total, unit="seq", desc="evaluate", file=sys.stderr) as bar:
         bits = sequence_nelbos(model, batches, args.t_samples, generator, dev, bar)
@@ -141,6 +153,8 @@ def main(argv=None) -> int:
     if entropy is not None:
         out["entropy_bits_per_token"] = entropy
         out["gap_bits_per_token"] = out["nelbo_bits_per_token"] - entropy
+    if args.skip_sequences:
+        out["skipped_sequences"] = args.skip_sequences
     out.update(tokens=out["sequences"] * L, checkpoint=ckpt.url, step=ckpt.step,
                weights="trained" if args.no_ema else "ema", t_samples=args.t_samples, seed=args.seed, **data)
     print(json.dumps(out), flush=True)

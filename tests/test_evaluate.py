@@ -91,8 +91,22 @@ def test_evaluate_bounds_the_entropy_and_repeats_within_its_errors(markov_run, c
         assert "bits_per_byte" not in res  # token ids: no text bytes
     assert res["nelbo_bits_per_token"] < entropy + 0.5, "a trained model, near the entropy"
     assert first["nelbo_bits_per_token"] != second["nelbo_bits_per_token"], "another seed, other noise"
-    spread = math.hypot(first["stderr_bits_per_token"], second["stderr_bits_per_token"])
-    assert abs(first["nelbo_bits_per_token"] - second["nelbo_bits_per_token"]) < 3 * spread
+
+    # Disjoint halves of the split are independent estimates of the same bound: their difference
+    # tests the standard error, data spread included (two runs over the same sequences share it).
+    halves = []
+    for skip in 0, 500:
+        status, out, err = in_process(evaluate.main, capsys, "--checkpoint", str(run_dir), "--t-samples", "4",
+                                      "--max-sequences", "500", "--skip-sequences", str(skip))
+        assert status == 0, err
+        halves.append(json.loads(out))
+    print("halves:", *halves, sep="\n")
+    assert [h["sequences"] for h in halves] == [500, 500] and halves[1]["skipped_sequences"] == 500
+    a, b = (h["nelbo_bits_per_token"] for h in halves)
+    assert a != b and abs(a - b) < 4 * math.hypot(*(h["stderr_bits_per_token"] for h in halves))
+    assert abs((a + b) / 2 - first["nelbo_bits_per_token"]) < 4 * first["stderr_bits_per_token"]
+    status, _, err = in_process(evaluate.main, capsys, "--checkpoint", str(run_dir), "--skip-sequences", "1000")
+    assert status != 0 and "--skip-sequences 1000 leaves none of the 1000 sequences of " in err
 
 
 @pytest.mark.parametrize("run", ["markov_run", "text_run"])  # MD4, and GenMD4's learnable schedule
@@ -331,3 +345,17 @@ def test_bad_input_names_the_culprit(text_run, markov_run, tmp_path, capsys):
     assert status == 2 and "vocab_size 16 disagrees with the model's model.vocab_size = 320" in err
     status, _, err = in_process(sample.main, capsys, "--checkpoint", str(markov_dir), "--prefix", "the")
     assert status == 2 and "has no tokenizer" in err
+
+
+def test_skip_and_max_sequences_cut_disjoint_parts_of_the_seeded_order(tiny_data):
+    from md4_dist.data import load_manifest
+    from md4_dist.evaluate import _manifest_rows
+
+    manifest = load_manifest(tiny_data)  # its val split: 100 sequences
+
+    def rows(skip, limit):  # batches of 7: the cuts fall inside batches
+        return torch.cat(list(_manifest_rows(manifest, "val", 7, 0, skip, limit, None)))
+
+    whole = rows(0, 100)
+    assert len(whole) == 100 and torch.equal(torch.cat([rows(0, 37), rows(37, 63)]), whole)
+    assert torch.equal(rows(95, 5), whole[95:])

@@ -138,8 +138,10 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
         assert ckpt.url.startswith(f"{run_dir}/checkpoints/checkpoint-00000010-")
         want = ckpt.weights()
         assert sorted(os.listdir(ckpt.local)) == ["rank-00000.pt", "rank-00001.pt"], "the EMA's files only"
+        shards = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{ckpt.url.removeprefix('s3://')}/step"))
+        ckpt.files(f"step/{shards[0]}")  # one file of the directory first, then all of it
         trained = ckpt.weights(ema=False)  # from the ZeRO-3 shards, copied now
-        assert "step" in os.listdir(ckpt.local)
+        assert sorted(os.listdir(os.path.join(ckpt.local, "step"))) == shards
         stamp = os.stat(os.path.join(ckpt.local, "step")).st_mtime_ns
         ckpt.files("step", "rank-00000.pt")  # each copied once
         assert os.stat(os.path.join(ckpt.local, "step")).st_mtime_ns == stamp

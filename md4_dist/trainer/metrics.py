@@ -165,8 +165,14 @@ def effective_ledger(lines: list[dict]) -> dict[int, list[int]]:
 def read_ledger(run_dir: str, storage: StorageConfig | None = None) -> list[dict]:
     """Every rank's ledger entries under run_dir/samples (local or object storage)."""
     folder = join(run_dir, "samples")
-    return [json.loads(line) for name in sorted(list_dir(folder, storage))
-            for line in read_bytes(join(folder, name), storage).decode().splitlines()]
+    lines = []
+    for name in sorted(list_dir(folder, storage)):
+        for i, line in enumerate(read_bytes(join(folder, name), storage).decode().splitlines(), 1):
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{join(folder, name)}, line {i}: not a ledger entry ({e})") from None
+    return lines
 
 
 def ledger_problems(lines: list[dict], manifest, global_batch: int, seed: int, steps: int) -> list[str]:

@@ -60,7 +60,7 @@ def fit(cfg: Config) -> int:
         # otherwise it starts a local Ray instance sized to this machine (the embedded default),
         # also where `ray start` left a cluster running.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    check_room(cfg, ray.cluster_resources(), embedded="RAY_ADDRESS" not in os.environ)
+    check_room(cfg, ray.cluster_resources(), embedded=not os.environ.get("RAY_ADDRESS"))
     # Ray Train keeps its own state under the run directory; on object storage it goes through
     # the same fsspec filesystem (endpoint, credentials, timeouts) as everything else.
     if protocol(cfg.train.run_dir) == "file":
