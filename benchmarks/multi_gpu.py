@@ -317,8 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=int, default=2, help="scaling: first records dropped")
     ap.add_argument("--checkpoint-every", type=int, default=20, help="elastic: steps between checkpoints")
     ap.add_argument("--repeats", type=int, default=1, help="elastic: runs")
-    ap.add_argument("--start-timeout", type=int, default=60,
-                    help="elastic: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    ap.add_argument("--start-timeout", type=int, default=20,
+                    help="elastic: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (20: the launcher's clusters)")
     ap.add_argument("--compile", default="reduce-overhead", choices=["off", "default", "reduce-overhead"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run, as train's --set")

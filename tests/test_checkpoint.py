@@ -227,8 +227,9 @@ def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monke
     from ray.cluster_utils import Cluster
 
     # The controller runs in this cluster, whose processes read this environment: after the node
-    # loss Ray first tries 2 workers again (the dead node's resources linger); this bounds the try.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    # loss Ray first tries 2 workers again (the dead node's resources linger); this bounds the try,
+    # as the launcher's cluster configs do.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
         "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
         "health_check_failure_threshold": 3}})
