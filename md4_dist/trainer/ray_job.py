@@ -52,8 +52,9 @@ def fit(cfg: Config) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # Worker processes import torch and DeepSpeed before joining the group: slow on small machines.
-    # Read by the Ray processes this driver starts (the embedded default); a cluster sets its own.
+    # How long Ray Train waits for a worker group's resources (its placement group) before it
+    # decides the size again (Ray's default: 60 s). Read by the Ray processes this driver starts,
+    # the embedded default, whose room check_room has checked; a cluster sets its own (launcher/).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     if not ray.is_initialized():
         # Inside `ray job submit`, or with RAY_ADDRESS set, this attaches to that cluster;
