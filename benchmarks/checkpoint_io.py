@@ -118,17 +118,23 @@ def io(args, work: str, data: str) -> dict:
     }
 
 
-def resize(args, work: str, data: str) -> dict:
-    """One elastic run per repeat: shrink (a node removed), then grow (it comes back)."""
+def local_cluster(**head):
+    """A `ray.cluster_utils.Cluster` whose head holds no CPUs (workers go to the nodes added) and
+    which notices a removed node within about 3 s."""
     from ray.cluster_utils import Cluster
 
+    return Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **head, "_system_config": {
+        "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+        "health_check_failure_threshold": 3}})
+
+
+def resize(args, work: str, data: str) -> dict:
+    """One elastic run per repeat: shrink (a node removed), then grow (it comes back)."""
     shrink, grow = [], []
     # The controller runs in the cluster, whose processes read this environment.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(args.start_timeout)
     for i in range(args.repeats):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
-            "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-            "health_check_failure_threshold": 3}})
+        cluster = local_cluster()
         try:
             nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
             cluster.wait_for_nodes()

@@ -51,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from checkpoint_io import Events, environment, spread  # noqa: E402
+from checkpoint_io import Events, environment, local_cluster, spread  # noqa: E402
 
 MODELS = {  # base config, per-worker micro-batch
     "genmd4-s": ("owt_small.json", 16),
@@ -111,14 +111,28 @@ def device_name(args) -> str:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/multi_gpu.py needs CUDA devices and none is visible here: run it on a "
                  "machine with NVIDIA GPUs, or pass --device cpu to check the script itself")
-    count = torch.cuda.device_count()
-    if args.what == "elastic" and args.workers[0] > count:
-        sys.exit(f"--workers {args.workers[0]} needs {args.workers[0]} GPUs; this machine has {count}")
-    if max(args.workers) > count:
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+
+
+def worker_counts(args) -> list[int]:
+    """--workers, or the default, within this machine's GPUs (CPU workers: its cores)."""
+    import torch
+
+    count = os.cpu_count() if args.device == "cpu" else torch.cuda.device_count()
+    if args.workers is None:
+        if args.what == "elastic":
+            return [4 if args.device == "cuda" else 2]
+        return [w for w in (1, 2, 4, 8) if w <= max(count, 1)]
+    if args.what == "elastic":
+        if args.workers[0] < 2:
+            sys.exit("elastic needs --workers N with N >= 2")
+        if args.device == "cuda" and args.workers[0] > count:
+            sys.exit(f"--workers {args.workers[0]} needs {args.workers[0]} GPUs; this machine has {count}")
+        return args.workers[:1]
+    if args.device == "cuda" and max(args.workers) > count:
         print(f"this machine has {count} GPUs: skipping --workers "
               f"{' '.join(str(w) for w in args.workers if w > count)}", flush=True)
-        args.workers = [w for w in args.workers if w <= count]
-    return f"{count} x {torch.cuda.get_device_name(0)}"
+    return [w for w in args.workers if args.device == "cpu" or w <= count]
 
 
 def write_result(args, name: str, result: dict) -> None:
@@ -139,7 +153,7 @@ def scaling(args, work: str, device: str, command: str) -> bool:
         # 16 steps of the largest run per epoch (the stream repeats it, in a new order each time)
         data = write_corpus(os.path.join(work, f"data-{model}"), cfg.model.vocab_size, L,
                             sequences=16 * mb * max(args.workers))
-        per_gpu_at_1 = None
+        per_worker_at_1 = None
         for n in sorted(args.workers):
             run_dir = os.path.join(work, f"run-{model}-{n}")
             cmd = train_command(model, args, data, run_dir, f"cluster.num_workers={n}",
@@ -163,40 +177,37 @@ def scaling(args, work: str, device: str, command: str) -> bool:
                       "--steps", flush=True)
                 ok = False
                 continue
-            per_gpu = spread([x / n for x in rates])
+            per_worker = spread([x / n for x in rates])
             if n == 1:
-                per_gpu_at_1 = per_gpu["median"]
+                per_worker_at_1 = per_worker["median"]
             result = {
                 "model": model, "path": "trainer (python -m md4_dist.train, Ray Train)",
                 "zero_stage": 3, "device": device, "workers": n, "micro_batch": mb,
                 "global_batch": n * mb, "seq_len": L, "compile": args.compile if args.device == "cuda" else "off",
                 "overrides": args.set, "tokens_per_s": statistics.median(rates),
-                "tokens_per_s_per_worker": per_gpu, "records": len(rates), "steps_per_record": args.log_every,
-                "mfu": per_gpu["median"] * flops_per_token(cfg.model, cfg.diffusion, L) / peak
+                "tokens_per_s_per_worker": per_worker, "records": len(rates), "steps_per_record": args.log_every,
+                "mfu": per_worker["median"] * flops_per_token(cfg.model, cfg.diffusion, L) / peak
                 if args.device == "cuda" else None,
-                "scaling_efficiency": per_gpu["median"] / per_gpu_at_1 if per_gpu_at_1 else None,
+                "scaling_efficiency": per_worker["median"] / per_worker_at_1 if per_worker_at_1 else None,
                 "wall_s": time.perf_counter() - began,
                 "date": datetime.date.today().isoformat(), "command": command,
             }
             write_result(args, f"scaling-{model}-{n}w", result)
-            eff = f"{result['scaling_efficiency']:.1%}" if per_gpu_at_1 else "n/a"
+            eff = f"{result['scaling_efficiency']:.1%}" if per_worker_at_1 else "n/a"
             mfu = f"  MFU {result['mfu']:.1%}" if result["mfu"] is not None else ""
             print(f"{model:12s} {n} workers  {result['tokens_per_s']:>11,.0f} tok/s  per worker "
-                  f"{per_gpu['median']:,.0f} (min {per_gpu['min']:,.0f}, max {per_gpu['max']:,.0f}, "
-                  f"n={per_gpu['n']}){mfu}  efficiency {eff}  ({result['wall_s']:.0f} s wall)", flush=True)
+                  f"{per_worker['median']:,.0f} (min {per_worker['min']:,.0f}, max {per_worker['max']:,.0f}, "
+                  f"n={per_worker['n']}){mfu}  efficiency {eff}  ({result['wall_s']:.0f} s wall)", flush=True)
     return ok
 
 
 def elastic(args, work: str, device: str, command: str) -> bool:
     import psutil
-    from ray.cluster_utils import Cluster
 
     from md4_dist.data import load_manifest
     from md4_dist.trainer.metrics import ledger_problems, read_ledger
 
     n, model, every = args.workers[0], args.model, args.checkpoint_every
-    if n < 2:
-        sys.exit("elastic needs --workers N with N >= 2")
     cfg = run_config(model, args)
     mb = cfg.train.micro_batch
     global_batch = math.lcm(n - 1, n) * mb  # whole micro-batches at N - 1 and at N workers
@@ -226,9 +237,7 @@ def elastic(args, work: str, device: str, command: str) -> bool:
         return os.path.exists(snapshot) and f"checkpoint-{step:08d}" in open(snapshot).read()
 
     for i in range(args.repeats):
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "_system_config": {
-            "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-            "health_check_failure_threshold": 3}})
+        cluster = local_cluster(num_gpus=0)
         try:
             nodes = [add_node(cluster, g) for g in range(n)]
             cluster.wait_for_nodes()
@@ -325,12 +334,6 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="the MFU's peak (bf16 dense, H100/H200)")
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args(argv)
-    if args.workers is None:
-        if args.what == "elastic":
-            args.workers = [4 if args.device == "cuda" else 2]
-        else:
-            count = os.cpu_count() if args.device == "cpu" else __import__("torch").cuda.device_count()
-            args.workers = [w for w in (1, 2, 4, 8) if w <= max(count, 1)]
     if args.device == "cpu" and args.what == "scaling" and args.models == ap.get_default("models"):
         args.models = ["tiny"]
     if args.device == "cpu" and args.what == "elastic" and args.model == ap.get_default("model"):
@@ -343,6 +346,7 @@ def main(argv=None) -> int:
         except ConfigError as e:
             sys.exit(f"error: {e}")
     device = device_name(args)
+    args.workers = worker_counts(args)
     command = " ".join(["python", "benchmarks/multi_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     # Data, logs and run directories: removed after a clean finish, kept to read after a failure.
     work = tempfile.mkdtemp(prefix="md4-multi-gpu-")

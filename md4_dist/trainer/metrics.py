@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 import os
 import tempfile
 import threading
+from collections import Counter
 
 from torch.utils.tensorboard import SummaryWriter
 

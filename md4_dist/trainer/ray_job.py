@@ -56,12 +56,13 @@ def fit(cfg: Config) -> int:
     # decides the size again (Ray's default: 60 s). Read by the Ray processes this driver starts,
     # the embedded default, whose room check_room has checked; a cluster sets its own (launcher/).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    address = os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # Inside `ray job submit`, or with RAY_ADDRESS set, this attaches to that cluster;
         # otherwise it starts a local Ray instance sized to this machine (the embedded default),
         # also where `ray start` left a cluster running.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
-    check_room(cfg, ray.cluster_resources(), embedded=not os.environ.get("RAY_ADDRESS"))
+        ray.init(address=address or "local", log_to_driver=True)
+    check_room(cfg, ray.cluster_resources(), embedded=not address)
     # Ray Train keeps its own state under the run directory; on object storage it goes through
     # the same fsspec filesystem (endpoint, credentials, timeouts) as everything else.
     if protocol(cfg.train.run_dir) == "file":
