@@ -144,7 +144,7 @@ def write_result(args, name: str, result: dict) -> None:
 
 def scaling(args, work: str, device: str, command: str) -> bool:
     """One run per model and worker count; False if any failed."""
-    from throughput import flops_per_token
+    from md4_dist.trainer.perf import flops_per_token
 
     peak, ok = args.peak_tflops * 1e12, True
     for model in args.models:

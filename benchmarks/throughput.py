@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--models md4-s genmd4-s genmd4-1.3b] [--paths trainer bare]
         [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5] [--compile off|default|reduce-overhead]
-        [--profile [--sync-stacks]] [--set KEY=VALUE ...]
+        [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official]
 
 Paths:
 - trainer: the step exactly as the trainer runs it: `DiffusionModel` in a DeepSpeed engine built
@@ -13,13 +13,13 @@ Paths:
 Tokens/s counts clean tokens (batch x seq_len) per optimizer step time; GenMD4 runs each sequence
 twice (its two masks), which the FLOPs below count.
 
-MFU = tokens/s x FLOPs per token / peak, with the peak given by --peak-tflops (790: the bf16 dense
-product measured on the H100) and the model FLOPs per clean token of forward and backward:
-    masks x (6 x P + 12 x n_layers x L x d)
-P = the matrix parameters (attention, MLP and output projections; not the embedding lookup or
-the adaLN layers), 12 n_layers L d = attention scores and values. This counts the output layer at
-every position, as the model defines it; the trainer projects only masked positions, so the
-FLOPs it executes are lower, and MFU by this count rises with that saving.
+MFU = tokens/s x FLOPs per token / peak: the trainer's own count (md4_dist/trainer/perf.py, the
+same as every training record's `mfu`), the peak by --peak-tflops, else perf's measured figure for
+the GPU. Each run also measures the GPU's bf16 dense matrix-product rate and records it.
+
+--official runs the official md4 training step (benchmarks/official_step.py, JAX, float32) first,
+at the same batch, in its own process, and records its tokens/s in every row of the same model
+(`official_tokens_per_s`, `x_official`): only a ratio measured in one command holds.
 
 Step times come from CUDA events recorded between steps (no host wait inside the timed window).
 --profile adds, per run, the top kernels of 3 steps, the GPU's busy share and the host's waits
@@ -59,13 +59,7 @@ SHAPES = {  # the OpenWebText shape of the paper, and the ~1.3B preset of config
 SEQ_LEN = 1024
 
 
-def matrix_params(m: ModelConfig) -> int:
-    per_layer = 4 * m.dim * m.dim + 3 * m.dim * m.hidden
-    return m.n_layers * per_layer + m.vocab_size * m.dim
-
-
-def flops_per_token(m: ModelConfig, d: DiffusionConfig, seq_len: int) -> float:
-    return masks_per_sequence(d) * (6 * matrix_params(m) + 12 * m.n_layers * seq_len * m.dim)
+OFFICIAL = {"md4-s": "md4", "genmd4-s": "genmd4"}  # our shape -> the official step's MODELS name
 
 
 def config(name: str, zero: int, batch: int, compile_: str, sets: list[str] = ()) -> Config:
@@ -102,20 +96,14 @@ def require_gpu(what: str) -> bool:
 
 
 def trainer_engine(cfg: Config, state_dict: dict | None = None):
-    """The trainer's DeepSpeed engine on this GPU: its module (`loop.build_model`, with these
-    weights when given) under our DeepSpeed config."""
+    """The trainer's DeepSpeed engine on this GPU (`engine.build_engine`, with these weights
+    when given)."""
     import deepspeed
 
-    from md4_dist.trainer.ds_config import deepspeed_config
-    from md4_dist.trainer.loop import build_model
+    from md4_dist.trainer.engine import build_engine
 
     deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
-    model = build_model(cfg)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=deepspeed_config(cfg, 1))
-    return engine
+    return build_engine(cfg, 1, state_dict=state_dict)[0]
 
 
 def run_trainer(cfg: Config, args) -> list[float]:
@@ -130,7 +118,7 @@ def run_trainer(cfg: Config, args) -> list[float]:
 
 
 def run_bare(cfg: Config, args) -> list[float]:
-    from md4_dist.trainer.loop import build_model
+    from md4_dist.trainer.engine import build_model
     from md4_dist.trainer.module import model_inputs
 
     device = torch.device("cuda", 0)
@@ -228,6 +216,40 @@ def set_up_distributed() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
+def matmul_tflops(n: int = 8192, repeats: int = 50) -> float:
+    """The GPU's bf16 dense matrix-product rate (TFLOP/s), n x n by n x n, median of `repeats`."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+    marks[0].record()
+    for i in range(repeats):
+        a @ b
+        marks[i + 1].record()
+    torch.cuda.synchronize()
+    return 2 * n**3 / (statistics.median(x.elapsed_time(y) for x, y in zip(marks, marks[1:])) / 1e3) / 1e12
+
+
+def official(models: list[str], batch: int) -> dict[str, float]:
+    """Tokens/s of the official md4 step per model of ours, measured now in its own process."""
+    names = [OFFICIAL[m] for m in models if m in OFFICIAL]
+    if not names:
+        return {}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "official_step.py")],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "BATCH": str(batch), "MODELS": ",".join(names)})
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode or len(rows) != len(names):
+        sys.exit(f"the official step failed (exit {r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
+    got = {}
+    for row in rows:
+        print(f"official {row['model']}: {row['tokens_per_s']:,} tok/s (batch {row['batch']}, mean of "
+              f"20 steps)", flush=True)
+        ours = next(m for m in models if OFFICIAL.get(m) and row["model"].startswith(OFFICIAL[m] + "-"))
+        got[ours] = row["tokens_per_s"]
+    return got
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["md4-s", "genmd4-s"], choices=SHAPES)
@@ -243,7 +265,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run, as train's --set")
     ap.add_argument("--sync-stacks", action="store_true", help="with --profile: where each wait is")
-    ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--official", action="store_true", help="run the official md4 step first "
+                    "(benchmarks/official_step.py, md4's source in .peer/) and record it in each row")
+    ap.add_argument("--tag", default="", help="a label for this configuration, in the JSON and the table")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the MFU's peak; default: trainer/perf.py's measured figure for the GPU")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "PATH", "ZERO"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -258,7 +284,11 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(args.out, exist_ok=True)
+    anchor = official(args.models, args.batch) if args.official else {}
     device_name = torch.cuda.get_device_name(0)
+    matmul = matmul_tflops()
+    peak = args.peak_tflops or perf.measured_peak(device_name) or matmul
+    print(f"{device_name}: bf16 dense product {matmul:.0f} TFLOP/s now; MFU against {peak:.0f}", flush=True)
     command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
     for name in args.models:
         for path in args.paths:
@@ -272,7 +302,7 @@ def main(argv=None) -> int:
                 r = subprocess.run(one, capture_output=True, text=True)
                 if r.returncode != 0:
                     tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
-                    print(f"{name:12s} {path:8s} zero={zero}  failed: {' | '.join(tail)}", flush=True)
+                    print(f"{name:12s} {path:8s} zero={zero} {args.tag} failed: {' | '.join(tail)}", flush=True)
                     continue
                 if args.profile:
                     print(r.stderr[r.stderr.find("----"):], flush=True)
@@ -282,20 +312,25 @@ def main(argv=None) -> int:
                 tokens = args.batch * SEQ_LEN / med
                 result = {
                     "model": name, "path": path, "zero_stage": zero if path == "trainer" else None,
-                    "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
+                    "tag": args.tag, "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
                     "compile": args.compile, "overrides": args.set, "tokens_per_s": tokens, "step_s_median": med,
                     "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
                     "peak_mem_gb": got["peak_mem_gb"],
-                    "mfu": tokens * flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (args.peak_tflops * 1e12),
+                    "mfu": tokens * perf.flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (peak * 1e12),
+                    "peak_tflops": peak, "matmul_tflops_now": matmul,
+                    "official_tokens_per_s": anchor.get(name),
+                    "x_official": tokens / anchor[name] if name in anchor else None,
                     "date": datetime.date.today().isoformat(), "command": command,
                 }
                 stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
                 tag = f"zero{zero}" if path == "trainer" else "torch"
-                with open(os.path.join(args.out, f"{name}-{path}-{tag}-{stamp}.json"), "w") as f:
+                label = f"-{args.tag}" if args.tag else ""
+                with open(os.path.join(args.out, f"{name}-{path}-{tag}{label}-{stamp}.json"), "w") as f:
                     json.dump(result, f, indent=1)
-                print(f"{name:12s} {path:8s} {tag:6s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
+                ratio = f"  {result['x_official']:.2f}x official" if name in anchor else ""
+                print(f"{name:12s} {path:8s} {tag:6s} {args.tag:10s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
                       f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})  "
-                      f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}", flush=True)
+                      f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}{ratio}", flush=True)
     return 0
 
 

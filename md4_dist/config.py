@@ -122,6 +122,32 @@ class ClusterConfig:
         return range(lo, hi + 1)
 
 
+# The DeepSpeed settings md4_dist derives from its own config (trainer/ds_config.py), each with
+# the config key that sets it: `deepspeed.extra` may not set them.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
+    "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.stage3_param_persistence_threshold": "deepspeed.persistence_threshold",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "bf16": "deepspeed.precision", "fp16": "deepspeed.precision", "data_types": "deepspeed.precision",
+    "optimizer": "optim", "scheduler": "optim", "compile.deepcompile": "deepspeed.deepcompile",
+}
+
+
+def _refuse_owned(extra: dict, prefix: str = "") -> None:
+    for key, value in extra.items():
+        path = prefix + key
+        if path in DEEPSPEED_OWNED:
+            raise ValueError(f"extra sets {path!r}, which md4_dist sets from {DEEPSPEED_OWNED[path]}: "
+                             "set that key instead")
+        if isinstance(value, dict):
+            _refuse_owned(value, path + ".")
+        elif any(k.startswith(path + ".") for k in DEEPSPEED_OWNED):
+            raise ValueError(f"extra sets {path!r} to a {type(value).__name__}, but it is an object "
+                             "holding settings md4_dist sets itself: give its other keys one by one")
+
+
 @dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 3
@@ -130,10 +156,19 @@ class DeepSpeedConfig:
     # ZeRO-3 keeps parameters with fewer elements than this whole on every rank (fewer, larger
     # gathers); 0 partitions every parameter. DeepSpeed's stage3_param_persistence_threshold.
     persistence_threshold: int = 100_000
+    # DeepSpeed's DeepCompile: the whole module compiled as one graph, ZeRO's gathers, releases
+    # and gradient reductions scheduled inside it (instead of per-block hooks and compile)
+    deepcompile: bool = False
+    # further DeepSpeed settings, merged into the config md4_dist generates (trainer/ds_config.py);
+    # the keys md4_dist sets itself are refused, naming the config key that sets them
+    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.persistence_threshold < 0:
             raise ValueError(f"persistence_threshold must be >= 0, got {self.persistence_threshold}")
+        _refuse_owned(self.extra)
+        if self.deepcompile and self.zero_stage not in (1, 3):
+            raise ValueError(f"deepcompile needs zero_stage 1 or 3 (DeepSpeed's passes), got {self.zero_stage}")
 
 
 @dataclass
@@ -145,6 +180,9 @@ class LoggingConfig:
     sample_every: int = 0
     samples: int = 4
     sample_steps: int = 128  # denoising steps per sample
+    # the device peak (TFLOP/s) that each record's `mfu` is quoted against; 0: the measured peak
+    # of a known GPU (trainer/perf.py), and no `mfu` on any other device
+    peak_tflops: float = 0.0
 
     def __post_init__(self):
         if self.every < 1:
@@ -154,6 +192,8 @@ class LoggingConfig:
         if self.samples < 1 or self.sample_steps < 1:
             raise ValueError(f"samples and sample_steps must be >= 1, got {self.samples} and "
                              f"{self.sample_steps}")
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _type_name(tp: Any) -> str:
         return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or tp is dict:
         return "object"
     return getattr(tp, "__name__", str(tp))
 
@@ -104,6 +104,10 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             raise _wrong(key, tp, value)
         (arg,) = typing.get_args(tp)
         return [convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:  # a free-form JSON object, passed on as it is (deepspeed.extra)
+        if not isinstance(value, dict):
+            raise _wrong(key, tp, value)
+        return json.loads(json.dumps(value))
     raise TypeError(f"unsupported config annotation {tp!r} at '{key}'")
 
 

@@ -127,3 +127,28 @@ def test_bf16_sums_gradients_in_fp32():
     two = config_from_dict({}, stage0 + ["train.global_batch=32"])
     with pytest.raises(ValueError, match="would sum the gradients of 2 micro-batches per step in bf16"):
         deepspeed_config(two, 1)
+
+
+def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets():
+    """`deepspeed.extra` reaches DeepSpeed's config, nested key by key; a setting md4_dist derives
+    itself is refused at load, naming the key that sets it."""
+    from md4_dist.trainer.ds_config import deepspeed_config
+
+    cfg = config_from_dict({}, ['deepspeed.extra={"zero_optimization": {"stage3_prefetch_bucket_size": 7}, '
+                                '"activation_checkpointing": {"partition_activations": true}}'])
+    ds = deepspeed_config(cfg, 1)
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 7
+    assert ds["zero_optimization"]["stage"] == 3, "ours kept beside the merged key"
+    assert ds["activation_checkpointing"] == {"partition_activations": True}
+    for extra, message in [
+        ('{"zero_optimization": {"stage": 1}}', "'zero_optimization.stage', which md4_dist sets from deepspeed.zero_stage"),
+        ('{"bf16": {"enabled": false}}', "'bf16', which md4_dist sets from deepspeed.precision"),
+        ('{"zero_optimization": 2}', "'zero_optimization' to a int"),
+        ('{"train_batch_size": 8}', "from train.global_batch"),
+        ('[1]', "expected object"),
+    ]:
+        with pytest.raises(ConfigError, match="deepspeed.extra") as e:
+            config_from_dict({}, [f"deepspeed.extra={extra}"])
+        assert message in str(e.value)
+    with pytest.raises(ConfigError, match="deepcompile needs zero_stage 1 or 3"):
+        config_from_dict({}, ["deepspeed.deepcompile=true", "deepspeed.zero_stage=2"])

@@ -33,8 +33,9 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, data = tmp_path / "run", tmp_path / "markov"  # no dataset yet: made on first use
+    # a peak for the CPU (no device table entry), so that every record carries its MFU
     r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "logging.every=50",
-              "eval.every=150")
+              "eval.every=150", "logging.peak_tflops=1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 300/300" in r.stdout + r.stderr
     got = records((run_dir / "metrics.jsonl").read_text())
@@ -44,6 +45,14 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     assert all(keys <= set(rec) for rec in got)
     assert [rec["step"] for rec in got if "val_nelbo_bits_per_token" in rec] == [150, 300]
     assert got[-1]["samples_seen"] == 300 * 32
+    from md4_dist.config import load_config
+    from md4_dist.trainer.perf import flops_per_token
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.json"))
+    per_token = flops_per_token(cfg.model, cfg.diffusion, cfg.data.seq_len)
+    for rec in got:  # the model's FLOPs over both workers' peak (1 TFLOP/s each)
+        assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * per_token / 2e12, rel=1e-9)
+        assert "peak_memory_gib" not in rec  # GPU memory, on GPU workers only
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["eval"]["every"] == 150 and os.path.isabs(saved["data"]["manifest"])
 
@@ -61,14 +70,14 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     samples = acc.Tensors("samples/text_summary")
     assert [e.step for e in samples] == [150, 300]
     assert samples[-1].tensor_proto.string_val[0].decode().count("**sample ") == 4
-    for key in ("loss", "nelbo_bits_per_token", "lr", "tokens_per_s", "exponent_mean"):
+    for key in ("loss", "nelbo_bits_per_token", "lr", "tokens_per_s", "mfu", "exponent_mean"):
         events = acc.Scalars(key)
         assert [e.step for e in events] == [rec["step"] for rec in got]
         assert [e.value for e in events] == pytest.approx([rec[key] for rec in got], rel=1e-6)
     assert [e.step for e in acc.Scalars("val_nelbo_bits_per_token")] == [150, 300]
     assert acc.Tags()["histograms"] == ["exponents"]
 
-    again = train(f"train.run_dir={run_dir}", f"data.manifest={data}")
+    again = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "logging.peak_tflops=1")
     assert again.returncode == 2 and "holds a run with another config" in again.stderr
     assert "differing: eval.every, logging.every" in again.stderr
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 6, "nothing lost"
@@ -155,7 +164,7 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["sequences"] == 20 and res["step"] == 10 and res["data"] == f"{data}/manifest.json"
 
-    again = train(f"train.run_dir={run_dir}", f"data.manifest={data}")
+    again = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "logging.peak_tflops=1")
     assert again.returncode == 2 and "holds a run with another config" in again.stderr
 
 

@@ -27,7 +27,17 @@ def check_gradient_precision(cfg: Config, world_size: int) -> None:
             "global_batch of micro_batch x workers")
 
 
+def _merge(into: dict, extra: dict) -> None:
+    """Merge `extra` into `into`, nested objects key by key (DeepSpeedConfig checked its keys)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config of this run: ours, with `deepspeed.extra` merged in."""
     check_gradient_precision(cfg, world_size)
     o = cfg.optim
     zero = {"stage": cfg.deepspeed.zero_stage}
@@ -38,7 +48,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         zero["memory_efficient_linear"] = False
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
-    return {
+    generated = {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": accumulation_steps(cfg, world_size),
@@ -59,4 +69,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         # DeepSpeed's throughput timer synchronises the device twice per micro-step (the GPU
         # drains while the host catches up); the loop measures throughput itself.
         "timers": {"throughput": {"enabled": False}},
+        **({"compile": {"deepcompile": True}} if cfg.deepspeed.deepcompile else {}),
     }
+    _merge(generated, cfg.deepspeed.extra)
+    return generated

@@ -23,13 +23,12 @@ from md4_dist.data import TokenStream, load_manifest, make_loader
 from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
-from md4_dist.model import Block
-from md4_dist.trainer.ds_config import deepspeed_config
-from md4_dist.trainer import checkpoint
+from md4_dist.trainer import checkpoint, perf
 from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.evaluate import Evaluator
 from md4_dist.trainer.metrics import MetricsWriter, SampleLedger
-from md4_dist.trainer.module import DiffusionModel, model_inputs
+from md4_dist.trainer.engine import build_engine
+from md4_dist.trainer.module import model_inputs
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
 from md4_dist.trainer import samples
 from md4_dist.trainer.stop import StopWatch
@@ -43,25 +42,6 @@ def _eta(seconds: float) -> str:
 
 def _due(step: int, every: int, cfg: Config) -> bool:
     return every > 0 and (step % every == 0 or step == cfg.train.steps)
-
-
-def build_model(cfg: Config) -> DiffusionModel:
-    """The module DeepSpeed wraps, with the same initial weights on every rank."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    torch.manual_seed(cfg.train.seed)
-    model = DiffusionModel(cfg.model, cfg.diffusion)
-    if cfg.deepspeed.zero_stage == 3:
-        # ZeRO-3 gathers a block's parameters together, in one pair of hooks per block rather
-        # than one per linear layer (whose host cost made ZeRO-3 far slower than ZeRO-0 on a
-        # GPU), and a block's forward, free of hooks, compiles into one graph.
-        set_z3_leaf_modules(model, [Block])
-    if cfg.train.compile != "off":
-        for block in model.denoiser.blocks:
-            # the forward only: ZeRO-3's hooks around it stay eager
-            block.forward = torch.compile(block.forward, mode=cfg.train.compile)
-        model.denoiser.out.compile()
-    return model
 
 
 def micro_step(engine, batch: dict, noise: NoiseByPosition, device: torch.device,
@@ -94,19 +74,13 @@ def train_loop(loop_config: dict) -> None:
     began = time.perf_counter()
     found = checkpoint.choose(newest, rank, world, device)  # before DeepSpeed: it may change its config
     checked_s = time.perf_counter() - began
-    ds_config = deepspeed_config(cfg, world)
-    if found is not None and checkpoint.converts(found[1], world, cfg.deepspeed.zero_stage):
-        ds_config["checkpoint"] = {"load_universal": True}
-    model = build_model(cfg)
-    engine, _, _, lr_schedule = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config)
+    resized = found is not None and checkpoint.converts(found[1], world, cfg.deepspeed.zero_stage)
+    engine, lr_schedule = build_engine(cfg, world, load_universal=resized)
+    model = engine.module
     accumulation = engine.gradient_accumulation_steps()
     learnable = list(model.schedule.parameters())  # GenMD4's exponents, phi
-    if cfg.deepspeed.zero_stage == 3 and learnable:
-        # The loss reads phi outside the schedule's own forward: ZeRO-3 must gather it for the
-        # whole forward and backward of the top-level module.
-        for p in learnable:
-            deepspeed.zero.register_external_parameter(engine.module, p)
+    peak = perf.peak_tflops(cfg, torch.cuda.get_device_name(device) if cfg.cluster.use_gpu else None)
+    flops_per_token = perf.flops_per_token(cfg.model, cfg.diffusion, cfg.data.seq_len)
     ema = PartitionedEMA(engine.module, cfg.train.ema) if cfg.train.ema else None
     # surrogate loss x rows, bits per token x rows, rows: every row counts once at any world size
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -200,6 +174,12 @@ def train_loop(loop_config: dict) -> None:
                     "tokens_per_s": sums[2].item() * cfg.data.seq_len / (now - last),
                     "samples_seen": step * cfg.train.global_batch,
                 })
+                if peak is not None:  # the model's FLOPs against every worker's peak
+                    record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * world)
+                if cfg.cluster.use_gpu:  # the largest of any worker, since the run (re)started
+                    memory = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+                    dist.all_reduce(memory, dist.ReduceOp.MAX)
+                    record["peak_memory_gib"] = memory.item()
                 grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed keeps none (stage 0, fp32)
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)

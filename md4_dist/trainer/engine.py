@@ -1,0 +1,64 @@
+"""Where DeepSpeed enters: the module built, compiled and wrapped in a DeepSpeed engine.
+
+    engine, lr_schedule = build_engine(cfg, world_size)            # in every worker
+    engine, lr_schedule = build_engine(cfg, 1, load_universal=True)  # resuming at another size
+
+Everything DeepSpeed needs to know about the model is decided here: ZeRO-3's leaf modules and
+external parameters, and how the step is compiled (`train.compile` per block, or DeepSpeed's
+DeepCompile of the whole module with `deepspeed.deepcompile`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from md4_dist.config import Config
+from md4_dist.model import Block
+from md4_dist.trainer.ds_config import deepspeed_config
+from md4_dist.trainer.module import DiffusionModel
+
+
+def build_model(cfg: Config) -> DiffusionModel:
+    """The module DeepSpeed wraps, with the same initial weights on every rank."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    torch.manual_seed(cfg.train.seed)
+    model = DiffusionModel(cfg.model, cfg.diffusion)
+    if cfg.deepspeed.deepcompile:
+        return model  # DeepCompile takes the whole module as one graph: no per-block hooks
+    if cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3 gathers a block's parameters together, in one pair of hooks per block rather
+        # than one per linear layer (whose host cost made ZeRO-3 far slower than ZeRO-0 on a
+        # GPU), and a block's forward, free of hooks, compiles into one graph.
+        set_z3_leaf_modules(model, [Block])
+    if cfg.train.compile != "off":
+        for block in model.denoiser.blocks:
+            # the forward only: ZeRO-3's hooks around it stay eager
+            block.forward = torch.compile(block.forward, mode=cfg.train.compile)
+        model.denoiser.out.compile()
+    return model
+
+
+def build_engine(cfg: Config, world_size: int, load_universal: bool = False,
+                 state_dict: dict | None = None):
+    """(engine, lr_schedule): `build_model` (with these weights when given) in a DeepSpeed engine
+    from our config. `load_universal`: the checkpoint to load was written at another world size."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    model = build_model(cfg)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    engine, _, _, lr_schedule = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config)
+    if cfg.deepspeed.zero_stage == 3:
+        # The loss reads GenMD4's exponents (phi) outside the schedule's own forward: ZeRO-3 must
+        # gather them for the whole forward and backward of the top-level module.
+        for p in model.schedule.parameters():
+            deepspeed.zero.register_external_parameter(engine.module, p)
+    if cfg.deepspeed.deepcompile:
+        mode = {} if cfg.train.compile == "off" else {"mode": cfg.train.compile}
+        engine.compile(compile_kwargs=mode)
+    return engine, lr_schedule
