@@ -10,8 +10,8 @@ For the same weights, tokens and noise (so the same masks):
    Pass: relative difference <= 1e-2.
 2. masked rows against full logits, on the GPU in float32 (TF32 off): the loss and every gradient
    of `Denoiser.masked_stats` (the output layer at the masked rows only, chunked) against the
-   plain path through logits [B, L, V]. Pass: loss within 1e-5 relative, each gradient within
-   1e-3 of its largest entry.
+   plain path through logits [B, L, V] (`tests/full_logits.py`, the tests' own). Pass: loss
+   within 1e-5 relative, each gradient within 1e-3 of its largest entry.
 3. compiled against eager training (with --compile other than off): 10 optimizer steps of the
    trainer's step (lr 1e-3, so the weights move) from the same weights, batches and noise, at each
    ZeRO stage given, compiled and not. Pass: every step's loss within 1e-2 relative. The eager
@@ -45,6 +45,7 @@ from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import masks_per_sequence, objective  # noqa: E402
 from md4_dist.trainer.module import DiffusionModel  # noqa: E402
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition  # noqa: E402
+from tests.full_logits import FullLogits  # noqa: E402
 
 
 def weights(cfg) -> DiffusionModel:
@@ -96,7 +97,7 @@ def masked_against_full(cfg, model, x, noise) -> dict:
     params = list(m.parameters())
     noise = type(noise)(noise.t.cuda(), noise.u.cuda())
     fused = objective(cfg.diffusion, m.denoiser, m.schedule, x.cuda(), noise=noise)
-    plain = objective(cfg.diffusion, lambda zt, t: m.denoiser(zt, t), m.schedule, x.cuda(), noise=noise)
+    plain = objective(cfg.diffusion, FullLogits(m.denoiser), m.schedule, x.cuda(), noise=noise)
     loss_rel = ((fused.loss - plain.loss).abs() / plain.loss.abs()).item()
     worst = 0.0
     for a, b in zip(torch.autograd.grad(fused.loss, params, allow_unused=True),

@@ -1,10 +1,10 @@
 """The MD4 / GenMD4 denoiser: noised tokens z_t and time t in, logits over the V real tokens out.
 
 A pure `nn.Module` (no loss, no sampling, no distribution). Architecture of the paper's MD4-S
-(PAPER.md; official `md4/networks/transformer.py`): token embedding over V + 1 ids (the mask id V
-is an input embedding only), bidirectional attention with RoPE through SDPA, LayerNorm without
-scale or bias modulated by adaLN-Zero from a time embedding, a gated MLP, and a zero-initialised
-untied output layer over the V real tokens.
+(docs/math.md, "The OpenWebText setting"; official `md4/networks/transformer.py`): token embedding
+over V + 1 ids (the mask id V is an input embedding only), bidirectional attention with RoPE
+through SDPA, LayerNorm without scale or bias modulated by adaLN-Zero from a time embedding, a
+gated MLP, and a zero-initialised untied output layer over the V real tokens.
 """
 
 from __future__ import annotations

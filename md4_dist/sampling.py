@@ -15,13 +15,15 @@ last step any mask left is filled with the denoiser's most likely token.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from md4_dist.diffusion import checks
-from md4_dist.diffusion.objectives import Denoiser
 from md4_dist.diffusion.schedules import MaskingSchedule
+
+# (z_t [B, L], t [B]) -> logits [B, L, V]: what the sampler draws from, e.g. a model.Denoiser
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def time_grid(steps: int, grid: Literal["uniform", "cosine"], device=None) -> torch.Tensor:
@@ -59,7 +61,7 @@ def _alpha(schedule: MaskingSchedule, t: float, batch: int, device, dtype) -> to
 
 
 @torch.no_grad()
-def sample(denoiser: Denoiser, schedule: MaskingSchedule, num_samples: int, seq_len: int,
+def sample(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, seq_len: int,
            steps: int, *, sampler: Literal["ancestral", "topp"] = "ancestral", top_p: float = 0.98,
            grid: Literal["uniform", "cosine"] = "cosine", given: torch.Tensor | None = None,
            fixed: torch.Tensor | None = None, generator: torch.Generator | None = None,

@@ -1,4 +1,5 @@
-"""The loss terms against an independent float64 implementation written from PAPER.md.
+"""The loss terms, fed from full logits (full_logits.py), against an independent float64
+implementation written from docs/math.md.
 
 The reference below loops over sequences and positions in numpy, so that it shares no code (and
 no vectorisation trick) with md4_dist.diffusion.losses.
@@ -14,10 +15,12 @@ from md4_dist.diffusion import losses
 from md4_dist.diffusion.forward import discretize_time, forward_sample
 from md4_dist.diffusion.schedules import build
 
+import full_logits
+
 EPS = 1e-4
 
 
-# ---- reference, from PAPER.md ------------------------------------------------------------------
+# ---- reference, from docs/math.md --------------------------------------------------------------
 def ref_alpha(name, t):
     if name == "linear":
         a = 1 - t
@@ -122,7 +125,7 @@ def batch():
 @pytest.mark.parametrize("name", ["linear", "cosine", "poly3", "poly0.5"])
 def test_md4_continuous_matches_reference(batch, name):
     logits, x, zt, t = batch
-    got = losses.md4_diffusion_loss(logits, x, zt, t, build(name))
+    got = full_logits.md4_diffusion_loss(logits, x, zt, t, build(name))
     assert got.dtype == torch.float64 and got.shape == (B,)
     want = ref_md4(name, logits.numpy(), x.numpy(), zt.numpy(), t.numpy())
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
@@ -134,7 +137,7 @@ def test_md4_discrete_matches_reference(batch, name):
     logits, x, zt, t = batch
     T = 10
     td = discretize_time(t, T)
-    got = losses.md4_diffusion_loss(logits, x, zt, td, build(name), timesteps=T)
+    got = full_logits.md4_diffusion_loss(logits, x, zt, td, build(name), timesteps=T)
     want = ref_md4(name, logits.numpy(), x.numpy(), zt.numpy(), td.numpy(), T=T)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
 
@@ -143,8 +146,8 @@ def test_md4_discrete_approaches_continuous(batch):
     logits, x, zt, t = batch
     sched = build("cosine")
     td = discretize_time(t, 100000)
-    cont = losses.md4_diffusion_loss(logits, x, zt, td, sched)
-    disc = losses.md4_diffusion_loss(logits, x, zt, td, sched, timesteps=100000)
+    cont = full_logits.md4_diffusion_loss(logits, x, zt, td, sched)
+    disc = full_logits.md4_diffusion_loss(logits, x, zt, td, sched, timesteps=100000)
     np.testing.assert_allclose(disc.numpy(), cont.numpy(), rtol=1e-3)
 
 
@@ -168,7 +171,7 @@ PHI = [-1.0, -0.2, 0.0, 0.3, 0.9, 1.7, 2.5]
 
 def test_genmd4_diffusion_matches_reference(batch):
     logits, x, zt, t = batch
-    got = losses.genmd4_diffusion_loss(logits, x, zt, t, learnable(PHI))
+    got = full_logits.genmd4_diffusion_loss(logits, x, zt, t, learnable(PHI))
     assert got.dtype == torch.float64 and got.shape == (B,)
     want = ref_genmd4(PHI, logits.numpy(), x.numpy(), zt.numpy(), t.numpy())
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-10)
@@ -185,8 +188,8 @@ def test_genmd4_rloo_matches_reference(batch):
     logits, x, zt1, t = batch
     sched = learnable(PHI)
     zt2 = forward_sample(x, t, sched, torch.Generator().manual_seed(1))
-    l1 = losses.genmd4_diffusion_loss(logits, x, zt1, t, sched)
-    l2 = losses.genmd4_diffusion_loss(logits, x, zt2, t, sched)
+    l1 = full_logits.genmd4_diffusion_loss(logits, x, zt1, t, sched)
+    l2 = full_logits.genmd4_diffusion_loss(logits, x, zt2, t, sched)
     got = losses.genmd4_rloo_term(x, zt1, zt2, t, sched, l1, l2)
     assert got.dtype == torch.float64 and got.shape == (B,)
     lq1 = ref_log_q(PHI, x.numpy(), zt1.numpy(), t.numpy())
@@ -205,17 +208,17 @@ def test_genmd4_with_equal_exponents_equals_md4_poly(batch):
     k = 2.0
     t = t * 0.5 + 0.5  # t >= 0.5, so the eps conventions differ by <= eps / t^k = 4e-4
     gen = build("learnable_poly", vocab_size=V, power_init=k).double()
-    got = losses.genmd4_diffusion_loss(logits, x, zt, t, gen)
-    md4 = losses.md4_diffusion_loss(logits, x, zt, t, build("poly2"))
+    got = full_logits.genmd4_diffusion_loss(logits, x, zt, t, gen)
+    md4 = full_logits.md4_diffusion_loss(logits, x, zt, t, build("poly2"))
     bound = EPS / ((1 - 2 * EPS) * t ** k)
     assert ((got / md4 - 1).abs() <= bound * 1.01 + 1e-12).all()
 
 
 def test_bf16_logits_compute_in_float32(batch):
     logits, x, zt, t = batch
-    got = losses.md4_diffusion_loss(logits.bfloat16(), x, zt, t.float(), build("linear"))
+    got = full_logits.md4_diffusion_loss(logits.bfloat16(), x, zt, t.float(), build("linear"))
     assert got.dtype == torch.float32
-    want = losses.md4_diffusion_loss(logits.bfloat16().double(), x, zt, t, build("linear"))
+    want = full_logits.md4_diffusion_loss(logits.bfloat16().double(), x, zt, t, build("linear"))
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5)
 
 
@@ -223,7 +226,7 @@ def test_bf16_logits_compute_in_float32(batch):
 def test_bad_input_names_the_argument(batch):
     logits, x, zt, t = batch
     sched = build("linear")
-    f = losses.md4_diffusion_loss
+    f = full_logits.md4_diffusion_loss
     cases = [
         ((logits[:, :-1], x, zt, t), "logits"),  # wrong L
         ((logits.unsqueeze(0), x, zt, t), "logits"),
@@ -249,11 +252,11 @@ def test_bad_input_names_the_argument(batch):
     with pytest.raises(ValueError, match="MD4 schedule"):
         f(logits, x, zt, t, build("learnable_poly", vocab_size=V))
     with pytest.raises(ValueError, match="learnable_poly"):
-        losses.genmd4_diffusion_loss(logits, x, zt, t, sched)
+        full_logits.genmd4_diffusion_loss(logits, x, zt, t, sched)
     with pytest.raises(ValueError, match="vocab_size"):
-        losses.genmd4_diffusion_loss(logits, x, zt, t, build("learnable_poly", vocab_size=V + 1))
+        full_logits.genmd4_diffusion_loss(logits, x, zt, t, build("learnable_poly", vocab_size=V + 1))
     gen = learnable(PHI)
-    l1 = losses.genmd4_diffusion_loss(logits, x, zt, t, gen)
+    l1 = full_logits.genmd4_diffusion_loss(logits, x, zt, t, gen)
     with pytest.raises(ValueError, match="^loss2 "):
         losses.genmd4_rloo_term(x, zt, zt, t, gen, l1, l1[:-1])
     with pytest.raises(ValueError, match="^t1 "):

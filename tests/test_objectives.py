@@ -13,6 +13,8 @@ from md4_dist.diffusion.objectives import (DiffusionConfig, build_schedule, genm
 from md4_dist.diffusion.schedules import build
 from md4_dist.model import Denoiser, ModelConfig
 
+import full_logits
+
 TINY = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, time_dim=16)
 
 
@@ -55,7 +57,7 @@ def test_genmd4_objective_runs_both_masks_as_one_batch():
         seen.append(tuple(zt.shape))
         return den(zt, t)
 
-    out = genmd4_objective(spy, sched, torch.randint(0, V, (B, L)),
+    out = genmd4_objective(full_logits.FullLogits(spy), sched, torch.randint(0, V, (B, L)),
                            generator=torch.Generator().manual_seed(0))
     assert seen == [(2 * B, L)]
     out.loss.backward()
@@ -77,8 +79,8 @@ def test_genmd4_with_equal_exponents_matches_md4_poly_objective():
     t = torch.linspace(0.3, 1.0, B, dtype=torch.float64)
     zt = forward_sample(x, t, md4, torch.Generator().manual_seed(2))
     logits = den(zt, t.float()).double()
-    a = losses.genmd4_diffusion_loss(logits, x, zt, t, gen)
-    b = losses.md4_diffusion_loss(logits, x, zt, t, md4)
+    a = full_logits.genmd4_diffusion_loss(logits, x, zt, t, gen)
+    b = full_logits.md4_diffusion_loss(logits, x, zt, t, md4)
     torch.testing.assert_close(a, b, rtol=5e-4, atol=0)
 
 
@@ -129,7 +131,8 @@ def test_rloo_gradient_matches_exact_gradient():
         zt = torch.where(mask, torch.full_like(x0, V), x0)
         t = torch.tensor([t0], dtype=torch.float64)
         log_q = losses.genmd4_log_q(x0, zt, t, sched)
-        exact_obj = exact_obj + log_q.exp() * losses.genmd4_diffusion_loss(logits_of(zt), x0, zt, t, sched)
+        loss = full_logits.genmd4_diffusion_loss(logits_of(zt), x0, zt, t, sched)
+        exact_obj = exact_obj + log_q.exp() * loss
     (exact,) = torch.autograd.grad(exact_obj.sum(), sched.phi)
 
     def chunk_grads(with_rloo: bool, chunks=24, n=8192):
@@ -139,8 +142,8 @@ def test_rloo_gradient_matches_exact_gradient():
             x = x0.expand(n, L)
             t = torch.full((n,), t0, dtype=torch.float64)
             z1, z2 = forward_sample(x, t, sched, g), forward_sample(x, t, sched, g)
-            l1 = losses.genmd4_diffusion_loss(logits_of(z1), x, z1, t, sched)
-            l2 = losses.genmd4_diffusion_loss(logits_of(z2), x, z2, t, sched)
+            l1 = full_logits.genmd4_diffusion_loss(logits_of(z1), x, z1, t, sched)
+            l2 = full_logits.genmd4_diffusion_loss(logits_of(z2), x, z2, t, sched)
             surrogate = 0.5 * (l1 + l2)
             if with_rloo:
                 surrogate = surrogate + losses.genmd4_rloo_term(x, z1, z2, t, sched, l1, l2)
@@ -241,7 +244,7 @@ def test_masked_rows_path_equals_full_logits_path(kind, schedule, monkeypatch):
     params = [*den.parameters(), *sched.parameters()]
 
     fused = objective(cfg, den, sched, x, noise=noise)
-    plain = objective(cfg, lambda zt, t: den(zt, t), sched, x, noise=noise)  # logits [B, L, V]
+    plain = objective(cfg, full_logits.FullLogits(den), sched, x, noise=noise)  # logits [B, L, V]
     torch.testing.assert_close(fused.nelbo, plain.nelbo, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(fused.loss, params), torch.autograd.grad(plain.loss, params)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

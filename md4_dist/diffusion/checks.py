@@ -56,15 +56,6 @@ def times(name: str, t: torch.Tensor, batch: int, low: float = 0.0) -> None:
             raise ValueError(f"{name} must lie in ({low}, 1], got min {t.min().item()}, max {t.max().item()}")
 
 
-def logits(name: str, lg: torch.Tensor, batch: int, length: int, vocab: int | None) -> None:
-    """lg: floating [B, L, V]."""
-    if not isinstance(lg, torch.Tensor) or not lg.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {getattr(lg, 'dtype', type(lg).__name__)}")
-    if lg.dim() != 3 or lg.shape[:2] != (batch, length) or (vocab is not None and lg.shape[2] != vocab):
-        want = f"({batch}, {length}, {vocab if vocab is not None else 'V'})"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(lg.shape)}")
-
-
 def per_sequence(name: str, v: torch.Tensor, batch: int) -> None:
     """v: floating [B]."""
     if not isinstance(v, torch.Tensor) or not v.is_floating_point() or tuple(v.shape) != (batch,):

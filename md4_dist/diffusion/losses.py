@@ -1,9 +1,11 @@
 """MD4 and GenMD4 loss terms as pure functions of tensors (nats per sequence).
 
-Shapes: logits [B, L, V] over the V real tokens (no mask logit), x [B, L] int64 in [0, V),
-zt [B, L] int64 with mask id V, t [B]. Results are computed in the promoted dtype of the inputs
-and float32 (float64 in, float64 out; bf16 logits give float32). The formulas are those of
-PAPER.md, checked against the official md4.py / genmd4.py.
+The diffusion terms read what the denoiser gives at the masked positions of z_t
+(`model.Denoiser.masked_stats`), never logits [B, L, V]: log p(x_n | z_t) [B, L] and, for GenMD4,
+sum_j w_j p_j(. | z_t) [B, L]. x [B, L] int64 in [0, V), zt [B, L] int64 with mask id V, t [B].
+Results are computed in the promoted dtype of the inputs and float32 (float64 in, float64 out;
+bf16 in gives float32). The formulas are those of docs/math.md, checked against the official
+md4.py / genmd4.py.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import torch
 
 from md4_dist.diffusion import checks
-from md4_dist.diffusion.schedules import LearnablePolySchedule, MaskingSchedule, MD4Schedule
+from md4_dist.diffusion.schedules import LearnablePolySchedule, MD4Schedule
 
 
 def _dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -23,30 +25,8 @@ def _dtype(*tensors: torch.Tensor) -> torch.dtype:
     return out
 
 
-def _vocab(schedule: MaskingSchedule, logits: torch.Tensor) -> int:
-    V = logits.shape[-1]
-    if schedule.vocab_size is not None and schedule.vocab_size != V:
-        raise ValueError(f"logits have V = {V} but the schedule was built for vocab_size = "
-                         f"{schedule.vocab_size}")
-    return V
-
-
-def _check(logits, x, zt, t, V, t_low=0.0):
-    checks.tokens("x", x, None, V - 1)
-    B, L = x.shape
-    checks.logits("logits", logits, B, L, V)
-    checks.masked_copy("zt", zt, x, V)
-    checks.times("t", t, B, t_low)
-
-
-def log_prob_of_data(logits: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """log p_theta(x_n | z_t): logits [B, L, V], x [B, L] -> [B, L]."""
-    lg = logits.to(dtype)
-    return lg.gather(-1, x[..., None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)
-
-
-def md4_diffusion_loss(logits, x, zt, t, schedule: MD4Schedule, timesteps: int | None = None):
-    """MD4 diffusion term: [B].
+def md4_diffusion_loss_at(log_p_x, masked, t, schedule: MD4Schedule, timesteps: int | None = None):
+    """MD4 diffusion term from log p(x_n | z_t) [B, L], read where `masked` [B, L] is True: [B].
 
     Continuous time (timesteps None): weight(t) * sum_{n masked} log p(x_n | z_t).
     Discrete time with T steps: t must lie on the grid k / T (k = 1..T, see
@@ -54,15 +34,7 @@ def md4_diffusion_loss(logits, x, zt, t, schedule: MD4Schedule, timesteps: int |
     T * expm1(gamma_t - gamma_s) * alpha_s.
     """
     if not isinstance(schedule, MD4Schedule):
-        raise ValueError(f"md4_diffusion_loss needs an MD4 schedule, got {type(schedule).__name__}")
-    V = _vocab(schedule, logits)
-    _check(logits, x, zt, t, V)
-    return md4_diffusion_loss_at(log_prob_of_data(logits, x, _dtype(logits, t)), zt == V, t,
-                                 schedule, timesteps)
-
-
-def md4_diffusion_loss_at(log_p_x, masked, t, schedule: MD4Schedule, timesteps: int | None = None):
-    """`md4_diffusion_loss` from log p(x_n | z_t) [B, L], read where `masked` [B, L] is True."""
+        raise ValueError(f"md4_diffusion_loss_at needs an MD4 schedule, got {type(schedule).__name__}")
     dtype = _dtype(log_p_x, t)
     t = t.to(dtype)
     masked_log_p = (log_p_x.to(dtype) * masked).sum(-1)  # [B], <= 0
@@ -89,26 +61,15 @@ def md4_recon_loss(schedule: MD4Schedule, seq_len: int, vocab_size: int) -> torc
     return seq_len * (1.0 - alpha0) * math.log(vocab_size)
 
 
-def genmd4_diffusion_loss(logits, x, zt, t, schedule: LearnablePolySchedule):
-    """GenMD4 diffusion term: [B].
+def genmd4_diffusion_loss_at(log_p_x, expected_w, x, masked, t, schedule: LearnablePolySchedule):
+    """GenMD4 diffusion term from log p(x_n | z_t) and sum_j w_j p_j(. | z_t), each [B, L] and read
+    where `masked` [B, L] is True: [B].
 
-    At each masked position n with p = softmax(logits):
-    (w_{x_n} / t) (-log p(x_n) - 1) + sum_j (w_j / t) p_j, summed over masked positions.
+    At each masked position n: (w_{x_n} / t) (-log p(x_n) - 1) + sum_j (w_j / t) p_j, summed.
     """
     if not isinstance(schedule, LearnablePolySchedule):
-        raise ValueError(f"genmd4_diffusion_loss needs a learnable_poly schedule, got {type(schedule).__name__}")
-    V = _vocab(schedule, logits)
-    _check(logits, x, zt, t, V)
-    dtype = _dtype(logits, t)
-    log_p = torch.log_softmax(logits.to(dtype), dim=-1)  # [B, L, V]
-    log_p_x = log_p.gather(-1, x[..., None]).squeeze(-1)  # [B, L]
-    expected_w = log_p.exp() @ schedule.exponents(dtype)  # sum_j w_j p_j: [B, L]
-    return genmd4_diffusion_loss_at(log_p_x, expected_w, x, zt == V, t, schedule)
-
-
-def genmd4_diffusion_loss_at(log_p_x, expected_w, x, masked, t, schedule: LearnablePolySchedule):
-    """`genmd4_diffusion_loss` from log p(x_n | z_t) and sum_j w_j p_j(. | z_t), each [B, L] and
-    read where `masked` [B, L] is True."""
+        raise ValueError(f"genmd4_diffusion_loss_at needs a learnable_poly schedule, got "
+                         f"{type(schedule).__name__}")
     dtype = _dtype(log_p_x, expected_w, t)
     w = schedule.exponents(dtype)  # [V]
     integrand = w[x] * (-log_p_x.to(dtype) - 1.0) + expected_w.to(dtype)  # [B, L]

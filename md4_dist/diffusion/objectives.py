@@ -10,18 +10,24 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal, Protocol
 
 import torch
 
 from md4_dist.diffusion import checks, losses
 from md4_dist.diffusion.forward import Noise, discretize_time, draw_noise, forward_sample
-from md4_dist.diffusion.schedules import LearnablePolySchedule, MaskingSchedule, MD4Schedule, build
+from md4_dist.diffusion.schedules import (LearnablePolySchedule, MaskingSchedule, MD4Schedule, build,
+                                          parse)
 
-# (z_t [B, L], t [B]) -> logits [B, L, V]; model.Denoiser's `masked_stats` is used when present
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+class MaskedStatsDenoiser(Protocol):
+    """What the objectives need of a denoiser (`model.Denoiser` is one): at the masked positions of
+    z_t, log p(x_n | z_t) and, given GenMD4's exponents w [V], sum_j w_j p_j(. | z_t); [B, L] each.
+    Only these reach the losses, so the output layer can skip the unmasked rows."""
+
+    def masked_stats(self, zt: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                     w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 @dataclass
@@ -36,8 +42,8 @@ class DiffusionConfig:
     t1: float = 1e-3  # genmd4: t is drawn in [t1, 1]
 
     def __post_init__(self):
-        md4_names = re.fullmatch(r"linear|cosine|poly\d+(\.\d+)?", self.schedule)
-        if self.kind == "md4" and not md4_names:
+        parsed = parse(self.schedule)
+        if self.kind == "md4" and (parsed is None or parsed[0] == "learnable_poly"):
             raise ValueError(f"schedule {self.schedule!r} is not an MD4 schedule; allowed: linear, "
                              "cosine, polyK (e.g. poly3)")
         if self.kind == "genmd4" and self.schedule != "learnable_poly":
@@ -79,7 +85,7 @@ def _noise(noise: Noise | None, masks: int, x: torch.Tensor, generator, antithet
     return noise
 
 
-def md4_objective(denoiser: Denoiser, schedule: MD4Schedule, x: torch.Tensor, *,
+def md4_objective(denoiser: MaskedStatsDenoiser, schedule: MD4Schedule, x: torch.Tensor, *,
                   generator: torch.Generator | None = None, noise: Noise | None = None,
                   timesteps: int = 0, antithetic: bool = True) -> ObjectiveOutput:
     """MD4: one z_t per sequence; the surrogate is the NELBO itself. x [B, L]. The randomness is
@@ -90,11 +96,8 @@ def md4_objective(denoiser: Denoiser, schedule: MD4Schedule, x: torch.Tensor, *,
     noise = _noise(noise, 1, x, generator, antithetic)
     t = discretize_time(noise.t, timesteps) if timesteps else noise.t
     zt = forward_sample(x, t, schedule, u=noise.u[0])
-    if hasattr(denoiser, "masked_stats"):  # ours: the output layer at masked positions only
-        log_p_x, _ = denoiser.masked_stats(zt, t, x)
-        diffusion = losses.md4_diffusion_loss_at(log_p_x, zt == V, t, schedule, timesteps or None)
-    else:  # any callable giving logits [B, L, V]
-        diffusion = losses.md4_diffusion_loss(denoiser(zt, t), x, zt, t, schedule, timesteps or None)
+    log_p_x, _ = denoiser.masked_stats(zt, t, x)
+    diffusion = losses.md4_diffusion_loss_at(log_p_x, zt == V, t, schedule, timesteps or None)
     recon = losses.md4_recon_loss(schedule, L, V)
     nelbo = diffusion + recon
     loss = nelbo.mean()
@@ -103,7 +106,7 @@ def md4_objective(denoiser: Denoiser, schedule: MD4Schedule, x: torch.Tensor, *,
         stats={"loss_diffusion": diffusion.detach().mean(), "loss_recon": recon.detach()})
 
 
-def genmd4_objective(denoiser: Denoiser, schedule: LearnablePolySchedule, x: torch.Tensor, *,
+def genmd4_objective(denoiser: MaskedStatsDenoiser, schedule: LearnablePolySchedule, x: torch.Tensor, *,
                      generator: torch.Generator | None = None, noise: Noise | None = None,
                      t1: float = 1e-3, antithetic: bool = True) -> ObjectiveOutput:
     """GenMD4: two masks per (x, t), run through the denoiser as one batch of 2B, and the RLOO
@@ -115,12 +118,9 @@ def genmd4_objective(denoiser: Denoiser, schedule: LearnablePolySchedule, x: tor
     t = t1 + (1.0 - t1) * noise.t  # [B] in (t1, 1]
     x2, t2 = torch.cat([x, x]), torch.cat([t, t])
     zt2 = forward_sample(x2, t2, schedule, u=noise.u.reshape(2 * B, L))  # two masks: [2B, L]
-    if hasattr(denoiser, "masked_stats"):  # ours: the output layer at masked positions only
-        log_p_x, expected_w = denoiser.masked_stats(zt2, t2, x2, schedule.exponents())
-        masked = zt2 == schedule.vocab_size
-        per_sample = losses.genmd4_diffusion_loss_at(log_p_x, expected_w, x2, masked, t2, schedule)
-    else:  # any callable giving logits [B, L, V]
-        per_sample = losses.genmd4_diffusion_loss(denoiser(zt2, t2), x2, zt2, t2, schedule)  # [2B]
+    log_p_x, expected_w = denoiser.masked_stats(zt2, t2, x2, schedule.exponents())
+    masked = zt2 == schedule.vocab_size
+    per_sample = losses.genmd4_diffusion_loss_at(log_p_x, expected_w, x2, masked, t2, schedule)  # [2B]
     loss1, loss2 = per_sample[:B], per_sample[B:]
     zt1, zt2 = zt2[:B], zt2[B:]
     rloo = losses.genmd4_rloo_term(x, zt1, zt2, t, schedule, loss1, loss2)
@@ -141,8 +141,9 @@ def masks_per_sequence(cfg: DiffusionConfig) -> int:
     return 2 if cfg.kind == "genmd4" else 1
 
 
-def objective(cfg: DiffusionConfig, denoiser: Denoiser, schedule: MaskingSchedule, x: torch.Tensor,
-              generator: torch.Generator | None = None, noise: Noise | None = None) -> ObjectiveOutput:
+def objective(cfg: DiffusionConfig, denoiser: MaskedStatsDenoiser, schedule: MaskingSchedule,
+              x: torch.Tensor, generator: torch.Generator | None = None,
+              noise: Noise | None = None) -> ObjectiveOutput:
     """The objective that `cfg.kind` names."""
     if cfg.kind == "genmd4":
         return genmd4_objective(denoiser, schedule, x, generator=generator, noise=noise, t1=cfg.t1,

@@ -124,16 +124,24 @@ class LearnablePolySchedule(MaskingSchedule):
         return 1.0 - (1.0 - self.eps) * torch.exp(w_x * torch.log(t)[:, None])
 
 
+def parse(name: str) -> tuple[str, float] | None:
+    """The one reading of a schedule's name: "linear", "cosine", "learnable_poly" -> (name, 1.0),
+    "polyK" (e.g. "poly3", "poly0.5") -> ("poly", K); None when the name is none of these."""
+    if name in ("linear", "cosine", "learnable_poly"):
+        return name, 1.0
+    m = re.fullmatch(r"poly(\d+(?:\.\d+)?)", name)
+    return ("poly", float(m.group(1))) if m else None
+
+
 def build(name: str, vocab_size: int | None = None, **kwargs) -> MaskingSchedule:
     """A schedule by name: "linear", "cosine", "polyK" (e.g. "poly3", "poly0.5"), "learnable_poly"."""
-    if name in ("linear", "cosine"):
-        return MD4Schedule(name, vocab_size=vocab_size, **kwargs)
-    m = re.fullmatch(r"poly(\d+(?:\.\d+)?)", name)
-    if m:
-        return MD4Schedule("poly", power=float(m.group(1)), vocab_size=vocab_size, **kwargs)
-    if name == "learnable_poly":
+    parsed = parse(name)
+    if parsed is None:
+        raise ValueError(f"unknown schedule {name!r}; allowed: linear, cosine, polyK (e.g. poly3), "
+                         "learnable_poly")
+    kind, power = parsed
+    if kind == "learnable_poly":
         if vocab_size is None:
             raise ValueError("schedule 'learnable_poly' needs vocab_size (one exponent per token)")
         return LearnablePolySchedule(vocab_size, **kwargs)
-    raise ValueError(f"unknown schedule {name!r}; allowed: linear, cosine, polyK (e.g. poly3), "
-                     "learnable_poly")
+    return MD4Schedule(kind, power=power, vocab_size=vocab_size, **kwargs)
