@@ -89,7 +89,7 @@ def bench_sharding(args, work):
 
 
 def write_dataset(url, n, L=1024, per_shard=2000):
-    from data_tools.shard_writer import SplitWriter
+    from md4_dist.data.shard_writer import SplitWriter
     from md4_dist.data.manifest import Manifest, save
 
     rng = np.random.default_rng(0)

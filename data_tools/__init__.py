@@ -1,1 +1,2 @@
-"""Offline data tools: tokenizer training and WebDataset sharding (see the README)."""
+"""Offline data tools: the command lines that train a tokenizer and write datasets (text shards,
+the synthetic corpus), over md4_dist.data (see the README)."""

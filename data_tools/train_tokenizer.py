@@ -21,7 +21,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_tools.cli import run
-from data_tools.sources import all_documents, expand
+from md4_dist.data.sources import all_documents, expand
 from md4_dist.data.storage import write_bytes
 
 # SentencePiece skips training sentences longer than this; documents are fed line by line.

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     per_forward = max(1, args.batch_size // args.t_samples)  # sequences
     tokens_per_byte = entropy = None  # known for text, and for some datasets
     if args.text is not None:
-        from data_tools.sources import all_documents, expand
+        from md4_dist.data.sources import all_documents, expand
 
         sp = load_tokenizer(ckpt.tokenizer, args.tokenizer, cfg.storage)
         docs = list(all_documents(expand(args.text)))

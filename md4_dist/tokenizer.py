@@ -1,5 +1,6 @@
 """The SentencePiece tokenizer a model was trained with, found by the record its dataset's
-manifest keeps ({"url", "sha256"}), and text turned into rows exactly as data_tools.shard does.
+manifest keeps ({"url", "sha256"}), and text turned into rows exactly as sharding does
+(md4_dist.data.packing).
 
     sp = load_tokenizer(record)                         # the file the record names
     sp = load_tokenizer(record, "tok/owt32k.model")     # a copy elsewhere: same bytes, checked
@@ -14,6 +15,7 @@ import hashlib
 import numpy as np
 import sentencepiece as spm
 
+from md4_dist.data.packing import Packer, encode_documents
 from md4_dist.data.storage import StorageConfig, StorageError, read_bytes
 
 
@@ -56,9 +58,6 @@ def pack_documents(sp: spm.SentencePieceProcessor, docs: list[str],
                    seq_len: int) -> tuple[np.ndarray, int]:
     """Documents as training saw them: each followed by EOS, back to back in rows of seq_len,
     the last row padded with EOS. Returns the rows [N, seq_len] int64 and the text's UTF-8 bytes."""
-    from data_tools import tokenize_worker
-    from data_tools.shard import Packer
-
     class Rows(list):  # the packer's writer, in memory
         def write(self, row):
             self.append(row)
@@ -66,7 +65,7 @@ def pack_documents(sp: spm.SentencePieceProcessor, docs: list[str],
         def close(self):
             pass
 
-    flat, _, sizes = tokenize_worker.encode_with(sp, docs)
+    flat, _, sizes = encode_documents(sp, docs)
     rows = Rows()
     packer = Packer(rows, seq_len, sp.eos_id())
     packer.add(flat, sum(sizes))

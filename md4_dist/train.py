@@ -52,12 +52,12 @@ def prepare(cfg: Config) -> Config:
     except ManifestError:
         if cfg.data.synthetic is None:
             raise
-        from data_tools import synthetic
+        from md4_dist.data.synthetic import write_synthetic_corpus
         s = cfg.data.synthetic
         print(f"making the synthetic corpus at {cfg.data.manifest}", flush=True)
-        synthetic.main(["--out", cfg.data.manifest, "--vocab-size", str(cfg.model.vocab_size),
-                        "--seq-len", str(cfg.data.seq_len), "--num-sequences", str(s.num_sequences),
-                        "--seed", str(s.seed), "--val-fraction", str(s.val_fraction), "--overwrite"])
+        write_synthetic_corpus(cfg.data.manifest, vocab_size=cfg.model.vocab_size,
+                               seq_len=cfg.data.seq_len, num_sequences=s.num_sequences, seed=s.seed,
+                               val_fraction=s.val_fraction, overwrite=True)
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     if cfg.eval.every and not getattr(manifest.splits.get("val"), "sequences", 0):

@@ -17,6 +17,7 @@ from data_tools import synthetic
 from md4_dist import cli, evaluate, export, load_pretrained, sample
 from md4_dist.consolidate import open_checkpoint
 from md4_dist.data import TokenStream, load_manifest
+from md4_dist.data.synthetic import MarkovChain
 from md4_dist.diffusion.forward import draw_noise
 from md4_dist.diffusion.objectives import masks_per_sequence
 from md4_dist.trainer.noise import EVAL, NoiseByPosition
@@ -62,7 +63,7 @@ def markov_run(tmp_path_factory):
 
 def chain_log2_likelihood(tokens: np.ndarray) -> np.ndarray:
     """Bits per token of each row [N, L] under the chain that made the corpus."""
-    chain = synthetic.MarkovChain(CHAIN["vocab_size"], CHAIN["seed"], CHAIN["successors"], CHAIN["floor"])
+    chain = MarkovChain(CHAIN["vocab_size"], CHAIN["seed"], CHAIN["successors"], CHAIN["floor"])
     first = np.log2(chain.pi[tokens[:, 0]])
     rest = np.log2(chain.P[tokens[:, :-1], tokens[:, 1:]]).sum(1)
     return (first + rest) / tokens.shape[1]
@@ -150,7 +151,7 @@ def test_samples_follow_the_chain(markov_run, tmp_path):
 
     real = np.concatenate([b["tokens"].numpy() for b in TokenStream(load_manifest(str(data)), "val", 100,
                                                                       loop=False)])
-    chain = synthetic.MarkovChain(CHAIN["vocab_size"], CHAIN["seed"], CHAIN["successors"], CHAIN["floor"])
+    chain = MarkovChain(CHAIN["vocab_size"], CHAIN["seed"], CHAIN["successors"], CHAIN["floor"])
     unigram = np.random.default_rng(0).choice(CHAIN["vocab_size"], size=(64, 64), p=chain.pi)
     got, want, iid = (chain_log2_likelihood(t).mean() for t in (tokens, real, unigram))
     print(f"log2-likelihood per token under the chain: samples {got:.3f}, real sequences {want:.3f}, "

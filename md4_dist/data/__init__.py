@@ -1,7 +1,9 @@
-"""Token datasets: the manifest format, object storage access and the resumable streaming reader.
+"""Token datasets: the manifest format, object storage access and the resumable streaming reader;
+writing them: text documents (sources), packed into rows (packing) and shards (sharding,
+shard_writer), and the synthetic corpus (synthetic).
 
-Names are imported on first use, so the offline data tools (which need only the manifest and
-storage modules) start without importing torch.
+Names are imported on first use, so a module that needs only the manifest and storage modules
+starts without importing torch.
 """
 
 import importlib

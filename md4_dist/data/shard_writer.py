@@ -1,4 +1,4 @@
-"""Writing token sequences as WebDataset shards plus the manifest, for every data tool.
+"""Writing token sequences as WebDataset shards plus the manifest, for every dataset writer.
 
     out = prepare_output(url, overwrite=False)        # refuses a non-empty output
     with SplitWriter(url, "train", seq_len, "uint16", per_shard=10000) as w:

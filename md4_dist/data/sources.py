@@ -1,5 +1,9 @@
 """Documents from text corpora: local paths, globs or any fsspec URL.
 
+    urls = expand(["data/owt/*.parquet", "s3://bucket/extra.jsonl.zst"])
+    for text in all_documents(urls, text_field="text"):
+        ...
+
   .txt                            one document per file (UTF-8)
   .jsonl, .jsonl.gz, .jsonl.zst   one document per line, the text under --text-field
   .parquet                        one document per row, the text column --text-field
