@@ -43,7 +43,7 @@ from throughput import SEQ_LEN, SHAPES, batches, config, require_gpu, set_up_dis
 
 from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import masks_per_sequence, objective  # noqa: E402
-from md4_dist.trainer.module import DiffusionModel  # noqa: E402
+from md4_dist.diffusion_model import DiffusionModel  # noqa: E402
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition  # noqa: E402
 from tests.full_logits import FullLogits  # noqa: E402
 

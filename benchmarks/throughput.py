@@ -119,7 +119,7 @@ def run_trainer(cfg: Config, args) -> list[float]:
 
 def run_bare(cfg: Config, args) -> list[float]:
     from md4_dist.trainer.engine import build_model
-    from md4_dist.trainer.module import model_inputs
+    from md4_dist.trainer.inputs import model_inputs
 
     device = torch.device("cuda", 0)
     model = build_model(cfg).to(device)  # ZeRO-0 config: no DeepSpeed in it

@@ -7,10 +7,10 @@ import sys
 
 import torch
 
+from md4_dist.checkpoint_format import CheckpointError
 from md4_dist.data.manifest import ManifestError
 from md4_dist.data.storage import StorageError
 from md4_dist.strict_config import ConfigError
-from md4_dist.trainer.checkpoint import CheckpointError
 
 USER_ERRORS = (CheckpointError, ConfigError, ManifestError, StorageError, FileNotFoundError,
                FileExistsError, ValueError)  # TokenizerError is a ValueError

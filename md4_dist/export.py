@@ -1,5 +1,6 @@
 """Export a trained model: safetensors weights, config.json and its tokenizer, in one directory
-that `md4_dist.load_pretrained` reads on any device (md4_dist/pretrained.py has the layout).
+that `md4_dist.load_pretrained` reads on any device (md4_dist/inference/pretrained.py has the
+layout).
 
     python -m md4_dist.export --checkpoint runs/owt --out exported/owt       # the EMA weights
     python -m md4_dist.export --checkpoint s3://bucket/runs/owt --out s3://bucket/models/owt --no-ema
@@ -11,9 +12,9 @@ import argparse
 import sys
 
 from md4_dist import cli
-from md4_dist.consolidate import open_checkpoint
 from md4_dist.data.storage import join, list_dir
-from md4_dist.pretrained import CONFIG, export
+from md4_dist.inference.consolidate import open_checkpoint
+from md4_dist.inference.pretrained import CONFIG, export
 
 
 def main(argv=None) -> int:

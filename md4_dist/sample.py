@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from md4_dist import cli
-from md4_dist.consolidate import open_checkpoint
+from md4_dist.inference.consolidate import open_checkpoint
 from md4_dist.data.storage import exists, write_bytes
 from md4_dist.sampling import sample
 from md4_dist.tokenizer import decode, load_tokenizer

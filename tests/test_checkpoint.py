@@ -148,9 +148,9 @@ def assert_follows(got, want, rel):
 
 
 def assert_master_weights(run_dir, step, precision):
-    """The run's trained weights, consolidated in one process (md4_dist.consolidate), are the fp32
-    master weights: the module's working weights in the checkpoint are their rounding."""
-    from md4_dist.consolidate import open_checkpoint
+    """The run's trained weights, consolidated in one process (md4_dist.inference.consolidate),
+    are the fp32 master weights: the module's working weights in the checkpoint are their rounding."""
+    from md4_dist.inference.consolidate import open_checkpoint
 
     with open_checkpoint(str(run_dir)) as ckpt:
         assert ckpt.step == step

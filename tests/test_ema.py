@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_partitioned_ema_matches_the_whole_average_and_swaps_exactly():
-    """Also: the ranks' shares, joined as md4_dist.consolidate joins a checkpoint's, give the
-    whole average (the padding of odd-sized parameters cut)."""
+    """Also: the ranks' shares, joined as md4_dist.inference.consolidate joins a checkpoint's, give
+    the whole average (the padding of odd-sized parameters cut)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".build", "torch_extensions"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

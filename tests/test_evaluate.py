@@ -15,7 +15,7 @@ import torch
 
 from data_tools import synthetic
 from md4_dist import cli, evaluate, export, load_pretrained, sample
-from md4_dist.consolidate import open_checkpoint
+from md4_dist.inference.consolidate import open_checkpoint
 from md4_dist.data import TokenStream, load_manifest
 from md4_dist.data.synthetic import MarkovChain
 from md4_dist.diffusion.forward import draw_noise

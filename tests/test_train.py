@@ -138,7 +138,7 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
 
     import torch
 
-    from md4_dist.consolidate import open_checkpoint
+    from md4_dist.inference.consolidate import open_checkpoint
     from md4_dist.data.storage import StorageError
 
     assert run_cli(export, ["--checkpoint", run_dir, "--out", f"{s3_bucket}/exported"]) == 0

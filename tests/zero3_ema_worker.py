@@ -2,7 +2,7 @@
 
 Checks PartitionedEMA against an average of the whole parameters, gathered every step, that
 `swapped()` puts the average in the model (as ZeRO-3's forward sees it) and restores it exactly,
-and that the ranks' saved shares join into the whole average (`ema.whole_average`).
+and that the ranks' saved shares join into the whole average (`checkpoint_format.whole_average`).
 """
 
 import os
@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from md4_dist.trainer.ema import PartitionedEMA, whole_average
+from md4_dist.checkpoint_format import whole_average
+from md4_dist.trainer.ema import PartitionedEMA
 
 
 def gathered(module):
@@ -59,7 +60,7 @@ def main():
     torch.testing.assert_close(out, torch.tanh(probe @ w1.T + b1) @ w2.T + b2, rtol=1e-5, atol=1e-6)
     for a, b in zip(gathered(engine.module), trained):
         assert torch.equal(a, b), "the trained weights come back bit for bit"
-    # every rank's share, saved and joined again as md4_dist.consolidate does it
+    # every rank's share, saved and joined again as md4_dist.inference.consolidate does it
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, ema.state_dict()["shadow"])
     joined = whole_average(shares, [r.shape for r in reference], zero3=True)

@@ -5,13 +5,8 @@ registered one to restarted workers (`ray.train.get_checkpoint()`), and restores
 the run directory when the same command runs again, so a checkpoint is either whole or unknown.
 Each attempt (a start or restart of the worker group) writes under names of its own, so files of
 an attempt that died mid-save never mix into a later checkpoint of the same step; `discard_after`
-removes them.
-
-    checkpoint-00000100-<attempt>/
-      state.json                   step, samples seen, reader state, world size, config, the
-                                   data's tokenizer record and EOS id (rank 0)
-      rank-00000.pt ...            each rank's EMA share, metric sums, RNG states
-      step/                        DeepSpeed's own: ZeRO shards, model states, LR schedule
+removes them. What a checkpoint holds, and its names, are md4_dist/checkpoint_format.py's: the
+use side reads the same format without this module.
 """
 
 from __future__ import annotations
@@ -24,12 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
-FORMAT_VERSION = 1
-TAG = "step"  # DeepSpeed's subdirectory; the checkpoint's own directory name carries the step
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded here; the message says why and where."""
+from md4_dist.checkpoint_format import (CHECKPOINTS, FORMAT_VERSION, STATE, TAG, CheckpointError, dir_name,
+                                        rank_file, step_of_dir, to_universal, version_problem)
 
 
 def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: int,
@@ -48,9 +39,9 @@ def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: 
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="md4-ckpt-") as d:
         engine.save_checkpoint(d, tag=TAG, save_latest=False)
-        torch.save(rank_state, os.path.join(d, f"rank-{rank:05d}.pt"))
+        torch.save(rank_state, os.path.join(d, rank_file(rank)))
         if rank == 0:
-            with open(os.path.join(d, "state.json"), "w") as f:
+            with open(os.path.join(d, STATE), "w") as f:
                 json.dump({"format_version": FORMAT_VERSION, "step": step, **state}, f, indent=1)
         size = torch.tensor([sum(os.path.getsize(os.path.join(r, n))
                                  for r, _, names in os.walk(d) for n in names)],
@@ -58,7 +49,7 @@ def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: 
         dist.all_reduce(size)
         written = time.perf_counter()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint-{step:08d}-{attempt}")
+                         checkpoint_dir_name=dir_name(step, attempt))
     return {"bytes": size.item(), "write_s": written - began, "commit_s": time.perf_counter() - written}
 
 
@@ -68,8 +59,8 @@ def discard_after(run_dir: str, storage, step: int) -> list[str]:
     died while writing left behind. Returns their names."""
     from md4_dist.data.storage import explain, filesystem, join, list_dir
 
-    root = join(run_dir, "checkpoints")
-    stale = [n for n in list_dir(root, storage) if n.startswith("checkpoint-") and _step(n) > step]
+    root = join(run_dir, CHECKPOINTS)
+    stale = [n for n in list_dir(root, storage) if n.startswith("checkpoint-") and step_of_dir(n) > step]
     for name in stale:
         try:
             fs, path = filesystem(join(root, name), storage)
@@ -88,7 +79,7 @@ def registered():
 
 def step_of(checkpoint) -> int:
     """The step a checkpoint was written after; 0 for None."""
-    return 0 if checkpoint is None else _step(_name(checkpoint))
+    return 0 if checkpoint is None else step_of_dir(_name(checkpoint))
 
 
 def choose(newest, rank: int, world: int, device: torch.device) -> tuple[object, dict] | None:
@@ -125,8 +116,8 @@ def _newest_first(newest) -> list:
     parent = os.path.dirname(newest.path.rstrip("/"))
     infos = newest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
     older = sorted((i for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint-") and _step(i.base_name) < step_of(newest)),
-                   key=lambda i: -_step(i.base_name))
+                    and i.base_name.startswith("checkpoint-") and step_of_dir(i.base_name) < step_of(newest)),
+                   key=lambda i: -step_of_dir(i.base_name))
     older = [i.path for i in older]
     return [newest] + [ray.train.Checkpoint(path=p, filesystem=newest.filesystem) for p in older]
 
@@ -135,26 +126,22 @@ def _name(checkpoint) -> str:
     return os.path.basename(checkpoint.path.rstrip("/"))
 
 
-def _step(name: str) -> int:
-    return int(name.split("-")[1])
-
-
 def _inspect(checkpoint, rank: int, world: int) -> tuple[dict | None, str | None]:
     """(state.json, None) when this rank's share of the checkpoint's files reads back whole,
     else (None, what is wrong)."""
     with checkpoint.as_directory() as d:
         try:
-            with open(os.path.join(d, "state.json")) as f:
+            with open(os.path.join(d, STATE)) as f:
                 state = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             return None, f"unreadable state.json ({e})"
-        if state.get("format_version") != FORMAT_VERSION:
-            return None, (f"format version {state.get('format_version')}; this code reads "
-                          f"{FORMAT_VERSION}")
+        problem = version_problem(state)
+        if problem is not None:
+            return None, problem
         files = sorted(os.path.relpath(os.path.join(root, n), d)
                        for root, _, names in os.walk(d) for n in names if n.endswith(".pt"))
         expected = state["world_size"]
-        if len([f for f in files if f.startswith("rank-")]) != expected:
+        if any(rank_file(r) not in files for r in range(expected)):
             return None, f"it should hold rank-*.pt for {expected} ranks"
         for name in files[rank::world]:  # each rank reads its share: together, every file once
             try:
@@ -193,15 +180,4 @@ def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
         if path is None:
             raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found no checkpoint in it")
         ranks = range(state["world_size"]) if resized else [rank]
-        return [torch.load(os.path.join(d, f"rank-{r:05d}.pt"), weights_only=False) for r in ranks]
-
-
-def to_universal(src: str, dst: str) -> None:
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
-    ds_to_universal.main(args)
+        return [torch.load(os.path.join(d, rank_file(r)), weights_only=False) for r in ranks]

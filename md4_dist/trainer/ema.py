@@ -10,7 +10,8 @@ Under ZeRO-3 a parameter's local share is `p.ds_tensor`, the slice of it that th
 writes (`p.data` is empty between forwards). Small parameters that ZeRO-3 keeps whole on every
 rank (below `stage3_param_persistence_threshold`) are partitioned too and gathered again after
 each step: `swapped()` does the same with them. Below stage 3 every rank holds whole parameters,
-and so does the average. The average is kept in fp32 whatever the training precision.
+and so does the average. The average is kept in fp32 whatever the training precision. A
+checkpoint holds every rank's `state_dict()`; `checkpoint_format.whole_average` joins them whole.
 """
 
 from __future__ import annotations
@@ -92,13 +93,3 @@ class PartitionedEMA:
                              "or ZeRO stage?)")
         for s, saved in zip(self.shadow, state["shadow"]):
             s.copy_(saved)
-
-
-def whole_average(shares: list[list[torch.Tensor]], shapes: list[torch.Size], zero3: bool) -> list[torch.Tensor]:
-    """The whole averaged parameters, in fp32, from every rank's `state_dict()["shadow"]` (rank
-    order): under ZeRO-3 each rank holds a flat slice of every parameter, the last one padded;
-    below it every rank holds the whole parameter."""
-    if not zero3:
-        return [s.float() for s in shares[0]]
-    return [torch.cat([share[i].flatten() for share in shares])[:shape.numel()].view(shape).float()
-            for i, shape in enumerate(shapes)]

@@ -15,7 +15,7 @@ import torch
 from md4_dist.config import Config
 from md4_dist.model import Block
 from md4_dist.trainer.ds_config import deepspeed_config
-from md4_dist.trainer.module import DiffusionModel
+from md4_dist.diffusion_model import DiffusionModel
 
 
 def build_model(cfg: Config) -> DiffusionModel:

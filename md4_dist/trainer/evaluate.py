@@ -18,7 +18,7 @@ from md4_dist.config import Config
 from md4_dist.data import TokenStream, make_loader
 from md4_dist.data.manifest import Manifest
 from md4_dist.diffusion.objectives import masks_per_sequence
-from md4_dist.trainer.module import model_inputs
+from md4_dist.trainer.inputs import model_inputs
 from md4_dist.trainer.noise import EVAL, NoiseByPosition
 
 

@@ -28,7 +28,7 @@ from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.evaluate import Evaluator
 from md4_dist.trainer.metrics import MetricsWriter, SampleLedger
 from md4_dist.trainer.engine import build_engine
-from md4_dist.trainer.module import model_inputs
+from md4_dist.trainer.inputs import model_inputs
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
 from md4_dist.trainer import samples
 from md4_dist.trainer.stop import StopWatch

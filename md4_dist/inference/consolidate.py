@@ -8,9 +8,9 @@ from, on any device and with no DeepSpeed engine or Ray.
 `URL` may be a run directory (the latest checkpoint Ray registered for it), or one checkpoint
 directory, `<run_dir>/checkpoints/checkpoint-<step>-<attempt>`, local or on object storage.
 The trained weights are DeepSpeed's fp32 master weights, wherever its optimizer keeps them
-(`Checkpoint._trained`); the EMA's come from the ranks' shares in rank-*.pt (trainer/ema.py):
-under ZeRO-3 each rank averaged its flat slice of every parameter, so the slices are joined and
-the padding cut.
+(`TrainedCheckpoint._trained`); the EMA's come from the ranks' shares in rank-*.pt
+(md4_dist/checkpoint_format.py, which also names the rest): under ZeRO-3 each rank averaged its
+flat slice of every parameter, so the slices are joined and the padding cut.
 From object storage only the files the chosen weights need are copied: the EMA shares are about
 a quarter of a checkpoint that also holds the optimizer's fp32 weights and moments.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 from contextlib import contextmanager, redirect_stdout
@@ -27,24 +26,28 @@ from dataclasses import dataclass, field
 
 import torch
 
+from md4_dist.checkpoint_format import (CHECKPOINTS, SNAPSHOT, STATE, TAG, CheckpointError, ema_shares,
+                                        to_universal, version_problem, whole_average)
 from md4_dist.config import Config, config_from_dict
 from md4_dist.data.storage import StorageConfig, explain, filesystem, join, protocol, read_bytes
-from md4_dist.trainer.checkpoint import FORMAT_VERSION, TAG, CheckpointError
-from md4_dist.trainer.ema import whole_average
-from md4_dist.trainer.module import DiffusionModel
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+from md4_dist.diffusion_model import DiffusionModel
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
+def remove(url: str, storage: StorageConfig | None = None) -> None:
+    """Delete the file or directory at `url` (a local path or an object-storage URL), if there is
+    one; an error names the URL."""
+    try:
+        fs, path = filesystem(url, storage)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+        raise explain(url, e) from e
 
 
 @dataclass
-class Checkpoint:
+class TrainedCheckpoint:
+    """One checkpoint of a training run, opened for use (`open_checkpoint`)."""
+
     url: str  # the checkpoint directory
     state: dict  # its state.json
     local: str  # the directory itself, or (remote) a temporary one its files are copied into
@@ -66,9 +69,9 @@ class Checkpoint:
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                     fs.get(path, partial, recursive=fs.isdir(path))
                 except Exception as e:  # noqa: BLE001 - re-raised with the URL named
-                    _remove(partial)
+                    remove(partial)
                     raise explain(join(self.url, name), e) from e
-                _remove(target)  # a directory of which single files were copied before
+                remove(target)  # a directory of which single files were copied before
                 os.replace(partial, target)
                 self.copied.add(name)
         return self.local
@@ -143,8 +146,6 @@ class Checkpoint:
 
     def _via_universal(self, cfg: Config, shards: str) -> dict[str, torch.Tensor]:
         """DeepSpeed's universal conversion: zero/<parameter>/fp32.pt, a file per parameter."""
-        from md4_dist.trainer.checkpoint import to_universal
-
         with tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
             try:
                 with redirect_stdout(sys.stderr):
@@ -157,7 +158,7 @@ class Checkpoint:
                                      weights_only=False)["param"].float() for name, _ in _parameters(cfg)}
 
     def _ema(self, cfg: Config) -> dict[str, torch.Tensor]:
-        shares = [self._load(f"rank-{r:05d}.pt")["ema"]["shadow"] for r in range(self.state["world_size"])]
+        shares = ema_shares(self._load, self.state["world_size"])
         named = _parameters(cfg)  # the EMA's order
         whole = whole_average(shares, [p.shape for _, p in named], cfg.deepspeed.zero_stage == 3)
         return {name: w for (name, _), w in zip(named, whole)}
@@ -176,27 +177,27 @@ def open_checkpoint(url: str, storage: StorageConfig | None = None):
     try:
         state = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{join(url, 'state.json')} is not valid JSON ({e})") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {url} has format version {state.get('format_version')}; "
-                              f"this code reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{join(url, STATE)} is not valid JSON ({e})") from None
+    problem = version_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {url} has {problem}")
     if "tokenizer" not in state:
         raise CheckpointError(f"checkpoint {url} was written by an md4_dist that did not record the "
                               "data's tokenizer: resume the run for one checkpoint with this version")
     if protocol(url) == "file":
-        yield Checkpoint(url, state, url, storage)
+        yield TrainedCheckpoint(url, state, url, storage)
         return
     with tempfile.TemporaryDirectory(prefix="md4-checkpoint-") as local:
-        yield Checkpoint(url, state, local, storage)
+        yield TrainedCheckpoint(url, state, local, storage)
 
 
 def _checkpoint_dir(url: str, storage: StorageConfig | None) -> tuple[str, bytes]:
     """The checkpoint directory and its state.json: `url` itself when it holds one, else the
     latest checkpoint its run registered."""
-    raw = read_bytes(join(url, "state.json"), storage, missing_ok=True)
+    raw = read_bytes(join(url, STATE), storage, missing_ok=True)
     if raw is not None:
         return url, raw
-    for record in (join(join(url, "checkpoints"), SNAPSHOT), join(url, SNAPSHOT)):
+    for record in (join(join(url, CHECKPOINTS), SNAPSHOT), join(url, SNAPSHOT)):
         snapshot = read_bytes(record, storage, missing_ok=True)
         if snapshot is None:
             continue
@@ -207,6 +208,6 @@ def _checkpoint_dir(url: str, storage: StorageConfig | None) -> tuple[str, bytes
         if not latest:
             raise CheckpointError(f"the run at {url} has no checkpoint yet ({record} lists none)")
         found = join(record.rsplit("/", 1)[0], latest["checkpoint_dir_name"])
-        return found, read_bytes(join(found, "state.json"), storage)
+        return found, read_bytes(join(found, STATE), storage)
     raise CheckpointError(f"no checkpoint at {url}: it is neither a checkpoint directory (with "
-                          f"state.json) nor a run directory (with checkpoints/{SNAPSHOT})")
+                          f"{STATE}) nor a run directory (with {CHECKPOINTS}/{SNAPSHOT})")

@@ -22,18 +22,17 @@ from dataclasses import dataclass
 import safetensors.torch
 import torch
 
-from md4_dist.consolidate import Checkpoint
-from md4_dist.data.storage import (StorageConfig, StorageError, explain, filesystem, join, read_bytes,
-                                   write_bytes)
+from md4_dist.checkpoint_format import CheckpointError
+from md4_dist.data.storage import StorageConfig, StorageError, join, read_bytes, write_bytes
 from md4_dist.diffusion.objectives import DiffusionConfig
 from md4_dist.diffusion.schedules import MaskingSchedule
+from md4_dist.diffusion_model import DiffusionModel
+from md4_dist.inference.consolidate import TrainedCheckpoint, remove
 from md4_dist.model import Denoiser, ModelConfig
 from md4_dist.strict_config import ConfigError, from_dict, to_dict
 from md4_dist.tokenizer import load_tokenizer, read_tokenizer
-from md4_dist.trainer.checkpoint import CheckpointError
-from md4_dist.trainer.module import DiffusionModel
 
-FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 1  # config.json's; a format of its own, apart from a training checkpoint's
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
 OUTPUT_WEIGHT = "denoiser.out.weight"
 
@@ -55,7 +54,7 @@ class Pretrained:
         return self.model.schedule
 
 
-def export(ckpt: Checkpoint, out: str, ema: bool = True, tokenizer_url: str | None = None,
+def export(ckpt: TrainedCheckpoint, out: str, ema: bool = True, tokenizer_url: str | None = None,
            storage: StorageConfig | None = None) -> None:
     """Write `ckpt`'s weights (its EMA, or the trained ones) to the directory `out`."""
     cfg = ckpt.config
@@ -66,26 +65,17 @@ def export(ckpt: Checkpoint, out: str, ema: bool = True, tokenizer_url: str | No
     V = cfg.model.vocab_size
     # The padding rows are zero from initialisation on (their gradient is zero): nothing is lost.
     weights[OUTPUT_WEIGHT] = weights[OUTPUT_WEIGHT][:V].contiguous()
-    _remove(join(out, CONFIG), storage)  # until the new one is written, `out` is no export
+    remove(join(out, CONFIG), storage)  # until the new one is written, `out` is no export
     token_record = None
     if proto is not None:
         write_bytes(join(out, TOKENIZER), proto, storage)
         token_record = {"file": TOKENIZER, "sha256": ckpt.tokenizer["sha256"]}
     write_bytes(join(out, WEIGHTS), safetensors.torch.save(weights, metadata={"format": "pt"}), storage)
-    config = {"format_version": FORMAT_VERSION, "model": to_dict(cfg.model),
+    config = {"format_version": EXPORT_FORMAT_VERSION, "model": to_dict(cfg.model),
               "diffusion": to_dict(cfg.diffusion), "seq_len": cfg.data.seq_len,
               "eos_id": ckpt.state["eos_id"], "tokenizer": token_record,
               "source": {"checkpoint": ckpt.url, "step": ckpt.step, "weights": "ema" if ema else "trained"}}
     write_bytes(join(out, CONFIG), (json.dumps(config, indent=1) + "\n").encode(), storage)
-
-
-def _remove(url: str, storage: StorageConfig | None) -> None:
-    try:
-        fs, path = filesystem(url, storage)
-        if fs.exists(path):
-            fs.rm(path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the URL named
-        raise explain(url, e) from e
 
 
 def load_pretrained(path: str, device: str | torch.device = "cpu",
@@ -96,9 +86,9 @@ def load_pretrained(path: str, device: str | torch.device = "cpu",
         config = json.loads(read_bytes(join(path, CONFIG), storage))
     except StorageError as e:
         raise CheckpointError(f"no exported model at {path}: {e}") from None
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") != EXPORT_FORMAT_VERSION:
         raise CheckpointError(f"{join(path, CONFIG)} has format version "
-                              f"{config.get('format_version')}; this code reads {FORMAT_VERSION}")
+                              f"{config.get('format_version')}; this code reads {EXPORT_FORMAT_VERSION}")
     try:
         model_cfg = from_dict(ModelConfig, config["model"], "model")
         diffusion_cfg = from_dict(DiffusionConfig, config["diffusion"], "diffusion")

@@ -1,5 +1,6 @@
-"""The module DeepSpeed wraps: the denoiser and the schedule (GenMD4's learnable exponents), whose
-forward is the training objective."""
+"""The denoiser and the schedule (GenMD4's learnable exponents) in one module, whose forward is the
+training objective: what DeepSpeed wraps in training (trainer/engine.py), and what a checkpoint's
+or an export's weights load into for use (inference/)."""
 
 from __future__ import annotations
 
@@ -25,19 +26,3 @@ class DiffusionModel(nn.Module):
         out: ObjectiveOutput = objective(self.diffusion_cfg, self.denoiser, self.schedule, x,
                                          noise=Noise(t, u))
         return {"loss": out.loss, "nelbo": out.nelbo, "bits_per_token": out.bits_per_token, **out.stats}
-
-
-def model_inputs(batch: dict, noise, device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
-    """(x, t, u) for DiffusionModel from a reader batch and a NoiseByPosition, and the row count.
-
-    A micro-batch whose every row fell in a skipped corrupt shard has no rows, yet under ZeRO-3
-    every rank must run each forward and backward (they gather parameters together): it becomes
-    one placeholder row, which the caller weights by the row count, 0.
-    """
-    tokens, positions = batch["tokens"], batch["positions"]
-    rows = len(tokens)
-    if rows == 0:
-        tokens = torch.zeros((1, tokens.shape[1]), dtype=torch.int64)
-        positions = torch.zeros(1, dtype=torch.int64)
-    n = noise(positions)
-    return (tokens.to(device, non_blocking=True), n.t, n.u), rows
