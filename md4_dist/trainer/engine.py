@@ -62,3 +62,21 @@ def build_engine(cfg: Config, world_size: int, load_universal: bool = False,
         mode = {} if cfg.train.compile == "off" else {"mode": cfg.train.compile}
         engine.compile(compile_kwargs=mode)
     return engine, lr_schedule
+
+
+def schedule_parameters(module):
+    """A context in which the learnable schedule's parameters (GenMD4's phi) are whole on every
+    rank: they are read outside any module's forward, where ZeRO-3 would not gather them (a no-op
+    below ZeRO-3)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.schedule.parameters()))
+
+
+def learned_exponents(engine) -> torch.Tensor | None:
+    """GenMD4's learned exponents w [V] (float32, on the CPU); None for a fixed schedule."""
+    module = engine.module
+    if not list(module.schedule.parameters()):
+        return None
+    with schedule_parameters(module):
+        return module.schedule.exponents().detach().float().cpu()

@@ -1,4 +1,8 @@
-"""The per-worker train loop, run by Ray Train on every worker. DeepSpeed enters here, once.
+"""The per-worker train loop, run by Ray Train on every worker (`train_loop`).
+
+`Trainer.train` reads top to bottom: a step, its record, evaluation, samples, a checkpoint, a stop.
+Each "when" is an `Every` (trainer/state.py); the DeepSpeed engine comes from trainer/engine.py,
+the run's own resumable state is a `TrainState`.
 
 Each step: `accumulation` micro-batches of `train.micro_batch` sequences per worker, so every
 optimizer step sees `train.global_batch` sequences whatever the world size. A sequence's diffusion
@@ -13,7 +17,7 @@ reader position, the metric sums since the last record) or a function of the ste
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -27,10 +31,11 @@ from md4_dist.trainer import checkpoint, perf
 from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.evaluate import Evaluator
 from md4_dist.trainer.metrics import MetricsWriter, SampleLedger
-from md4_dist.trainer.engine import build_engine
+from md4_dist.trainer.engine import build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
 from md4_dist.trainer import samples
+from md4_dist.trainer.state import Every, TrainState
 from md4_dist.trainer.stop import StopWatch
 
 
@@ -38,10 +43,6 @@ def _eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}"
-
-
-def _due(step: int, every: int, cfg: Config) -> bool:
-    return every > 0 and (step % every == 0 or step == cfg.train.steps)
 
 
 def micro_step(engine, batch: dict, noise: NoiseByPosition, device: torch.device,
@@ -57,170 +58,188 @@ def micro_step(engine, batch: dict, noise: NoiseByPosition, device: torch.device
 
 
 def train_loop(loop_config: dict) -> None:
-    import deepspeed  # after Ray has set DS_ACCELERATOR in this worker's environment
+    """Ray Train's worker function: `loop_config` holds the resolved config and the driver's stop
+    request (trainer/ray_job.py)."""
     import ray.train
 
-    cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.cluster.use_gpu else "cpu")
-    if cfg.cluster.use_gpu:
-        torch.cuda.set_device(device)
+    Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()).train()
 
-    newest = checkpoint.registered()
-    if rank == 0:
-        for name in checkpoint.discard_after(cfg.train.run_dir, cfg.storage, checkpoint.step_of(newest)):
-            print(f"removed {name}: an earlier attempt died writing it", flush=True)
-    began = time.perf_counter()
-    found = checkpoint.choose(newest, rank, world, device)  # before DeepSpeed: it may change its config
-    checked_s = time.perf_counter() - began
-    resized = found is not None and checkpoint.converts(found[1], world, cfg.deepspeed.zero_stage)
-    engine, lr_schedule = build_engine(cfg, world, load_universal=resized)
-    model = engine.module
-    accumulation = engine.gradient_accumulation_steps()
-    learnable = list(model.schedule.parameters())  # GenMD4's exponents, phi
-    peak = perf.peak_tflops(cfg, torch.cuda.get_device_name(device) if cfg.cluster.use_gpu else None)
-    flops_per_token = perf.flops_per_token(cfg.model, cfg.diffusion, cfg.data.seq_len)
-    ema = PartitionedEMA(engine.module, cfg.train.ema) if cfg.train.ema else None
-    # surrogate loss x rows, bits per token x rows, rows: every row counts once at any world size
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    done, reader_state = 0, None  # steps done, and where the data stream stands after them
-    if found is not None:
-        saved, state = found
+class Trainer:
+    """One worker's run: set up (or resumed) in the constructor, trained by `train`."""
+
+    def __init__(self, loop_config: dict, rank: int, world: int, local_rank: int):
+        cfg = self.cfg = config_from_dict(loop_config["config"])
+        self.loop_config, self.rank, self.world = loop_config, rank, world
+        self.device = torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu")
+        if cfg.cluster.use_gpu:
+            torch.cuda.set_device(self.device)
+        found, checked_s = self._find_checkpoint()  # before DeepSpeed: it may change its config
+        resized = found is not None and checkpoint.converts(found[1], world, cfg.deepspeed.zero_stage)
+        self.engine, self.lr_schedule = build_engine(cfg, world, load_universal=resized)
+        self.ema = PartitionedEMA(self.engine.module, cfg.train.ema) if cfg.train.ema else None
+        self.state = TrainState(self.device)
+        if found is not None:
+            self._resume(*found, checked_s)
+
+        self.manifest = load_manifest(cfg.data.manifest, cfg.storage)
+        self.manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
+        stream = TokenStream(self.manifest, "train", cfg.train.micro_batch, rank=rank, world_size=world,
+                             seed=cfg.train.seed, state=self.state.reader, on_corrupt=cfg.data.on_corrupt,
+                             storage=cfg.storage)
+        self.batches = iter(make_loader(stream, cfg.data.loader_workers))
+        self.noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
+                                     masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, self.device)
+        self.evaluator = Evaluator(cfg, self.manifest, rank, world, self.device) if cfg.eval.every else None
+        self.tokenizer = None
+        if cfg.logging.sample_every and rank == 0 and self.manifest.tokenizer is not None:
+            from md4_dist.tokenizer import load_tokenizer
+            self.tokenizer = load_tokenizer(self.manifest.tokenizer, storage=cfg.storage)
+
+        attempt = torch.tensor([time.time_ns()], device=self.device)  # rank 0's clock names this attempt
+        dist.broadcast(attempt, 0)
+        self.attempt = int(attempt.item())
+        self.writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=self.state.step + 1) \
+            if rank == 0 else None
+        self.ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, self.attempt) \
+            if cfg.data.record_sample_ids else None
+        self.watch = StopWatch(loop_config["stop"], rank, cfg.cluster.collective_timeout_s)
+        last = cfg.train.steps
+        self.record_due, self.eval_due = Every(cfg.logging.every, last), Every(cfg.eval.every, last)
+        self.samples_due = Every(cfg.logging.sample_every, last)
+        self.checkpoint_due = Every(cfg.checkpoint.every, last)
+        self.peak = perf.peak_tflops(cfg, torch.cuda.get_device_name(self.device) if cfg.cluster.use_gpu else None)
+
+    def train(self) -> None:
+        cfg, first = self.cfg, self.state.step + 1
+        self.started = self.window = time.perf_counter()  # the run, and the record's training time
+        with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
+            for step in range(first, cfg.train.steps + 1):
+                self._step(step)
+                record, histograms = self._metrics(step)
+                texts = {}
+                if self.evaluator is not None and self.eval_due(step):
+                    with self._aside(), self._ema_weights():
+                        record.update(self.evaluator(self.engine))
+                if self.samples_due(step):
+                    with self._aside(), self._ema_weights():
+                        drawn = samples.draw(self.engine.module, cfg, step, self.device)
+                    texts["samples"] = samples.as_markdown(drawn, self.tokenizer, self.manifest.eos_id)
+                if self.writer is not None and (len(record) > 1 or texts):
+                    self.writer.write(record, histograms, texts)
+                if self.writer is not None and len(record) > 1:
+                    print(_progress(record, cfg, time.perf_counter() - self.started, first - 1), flush=True)
+                why, stop = self.watch.check()  # a SIGTERM or a preemption notice: save now
+                if why or self.checkpoint_due(step):
+                    self._save(why)
+                if stop:
+                    if self.rank == 0:
+                        print(f"stopped after step {step} of {cfg.train.steps}; the same command "
+                              "resumes the run", flush=True)
+                    break
+        if self.writer is not None:
+            self.writer.close()
+            if self.state.step == cfg.train.steps:
+                print(f"done: {cfg.train.steps} steps; metrics {join(cfg.train.run_dir, 'metrics.jsonl')}, "
+                      f"TensorBoard logs {join(cfg.train.run_dir, 'tensorboard')}", flush=True)
+
+    def _step(self, step: int) -> None:
+        """One optimizer step: its micro-batches, the EMA, the sample ledger."""
+        ids = []
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            batch = next(self.batches)
+            self.state.reader = batch["state"]
+            if self.ledger is not None:
+                ids += batch["ids"].tolist()
+            out, rows = micro_step(self.engine, batch, self.noise, self.device, self.cfg.train.micro_batch)
+            self.state.sums.add(out, rows)
+        if self.ema is not None:
+            self.ema.update()
+        if self.ledger is not None:
+            self.ledger.write(step, ids)
+        self.state.step = step
+
+    def _metrics(self, step: int) -> tuple[dict, dict]:
+        """The training record of this step ({"step"} alone when none is due), and histograms."""
+        record = {"step": step}
+        if not self.record_due(step):
+            return record, {}
+        cfg = self.cfg
+        loss, bits, rows = self.state.sums.pooled()  # every rank, at the same steps
+        now = time.perf_counter()
+        record.update(loss=loss, nelbo_bits_per_token=bits, lr=self.lr_schedule.get_last_lr()[0],
+                      tokens_per_s=rows * cfg.data.seq_len / (now - self.window),
+                      samples_seen=step * cfg.train.global_batch)
+        self.window = now
+        if self.peak is not None:  # the model's FLOPs against every worker's peak
+            per_token = perf.flops_per_token(cfg.model, cfg.diffusion, cfg.data.seq_len)
+            record["mfu"] = record["tokens_per_s"] * per_token / (self.peak * 1e12 * self.world)
+        if cfg.cluster.use_gpu:  # the largest of any worker, since the run (re)started
+            memory = torch.tensor(torch.cuda.max_memory_allocated(self.device) / 2**30, device=self.device)
+            dist.all_reduce(memory, dist.ReduceOp.MAX)
+            record["peak_memory_gib"] = memory.item()
+        grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed keeps none (stage 0, fp32)
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        w = learned_exponents(self.engine)  # GenMD4's schedule; None for MD4
+        if w is None:
+            return record, {}
+        record.update(exponent_min=w.min().item(), exponent_mean=w.mean().item(), exponent_max=w.max().item())
+        return record, {"exponents": w}
+
+    @contextmanager
+    def _aside(self):
+        """Work that is not training (evaluation, samples): left out of the record's tokens/s."""
         began = time.perf_counter()
-        ranks = checkpoint.load(engine, saved, state, rank, world)
-        done, reader_state = state["step"], state["reader"]
-        if state["world_size"] == world:  # this rank's own share
-            sums.copy_(ranks[0]["sums"])
-            if ema is not None:
-                ema.load_state_dict(ranks[0]["ema"])
-            torch.set_rng_state(ranks[0]["rng"])
-        else:  # resized: the EMA re-split, the partial metric sums pooled on rank 0
-            if rank == 0:
-                sums.copy_(sum(r["sums"] for r in ranks))
-            if ema is not None:
-                ema.load_resharded([r["ema"] for r in ranks], rank, world)
-        if rank == 0:
-            print(f"resuming after step {done} from the latest checkpoint ({state['world_size']} "
-                  f"workers then, {world} now): checked in {checked_s:.1f} s, loaded in "
+        yield
+        self.window += time.perf_counter() - began
+
+    def _ema_weights(self):
+        return self.ema.swapped() if self.ema is not None else nullcontext()
+
+    def _find_checkpoint(self) -> tuple[tuple[object, dict] | None, float]:
+        """The newest checkpoint that passes its check, (checkpoint, state), and the check's time;
+        rank 0 first removes what an earlier attempt left half-written after it."""
+        newest = checkpoint.registered()
+        if self.rank == 0:
+            for name in checkpoint.discard_after(self.cfg.train.run_dir, self.cfg.storage,
+                                                 checkpoint.step_of(newest)):
+                print(f"removed {name}: an earlier attempt died writing it", flush=True)
+        began = time.perf_counter()
+        found = checkpoint.choose(newest, self.rank, self.world, self.device)
+        return found, time.perf_counter() - began
+
+    def _resume(self, saved, state: dict, checked_s: float) -> None:
+        began = time.perf_counter()
+        ranks = checkpoint.load(self.engine, saved, state, self.rank, self.world)
+        self.state.load(state, ranks, self.world, self.rank)
+        if self.ema is not None:
+            if state["world_size"] == self.world:  # this rank's own share
+                self.ema.load_state_dict(ranks[0]["ema"])
+            else:  # resized: the EMA re-split
+                self.ema.load_resharded([r["ema"] for r in ranks], self.rank, self.world)
+        if self.rank == 0:
+            print(f"resuming after step {self.state.step} from the latest checkpoint ({state['world_size']} "
+                  f"workers then, {self.world} now): checked in {checked_s:.1f} s, loaded in "
                   f"{time.perf_counter() - began:.1f} s", flush=True)
 
-    manifest = load_manifest(cfg.data.manifest, cfg.storage)
-    manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
-    stream = TokenStream(manifest, "train", cfg.train.micro_batch, rank=rank, world_size=world,
-                         seed=cfg.train.seed, state=reader_state, on_corrupt=cfg.data.on_corrupt,
-                         storage=cfg.storage)
-    batches = iter(make_loader(stream, cfg.data.loader_workers))
-    noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
-                            masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, device)
-    evaluate = Evaluator(cfg, manifest, rank, world, device) if cfg.eval.every else None
-    tokenizer = None
-    if cfg.logging.sample_every and rank == 0 and manifest.tokenizer is not None:
-        from md4_dist.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(manifest.tokenizer, storage=cfg.storage)
-
-    attempt = torch.tensor([time.time_ns()], device=device)  # rank 0's clock names this attempt
-    dist.broadcast(attempt, 0)
-    attempt = int(attempt.item())
-    writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=done + 1) if rank == 0 else None
-    ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, attempt) \
-        if cfg.data.record_sample_ids else None
-    watch = StopWatch(loop_config["stop"], rank, cfg.cluster.collective_timeout_s)
-
-    def save(step: int, why: str) -> None:
-        if ledger is not None:  # before the checkpoint: a resume from it never rewrites these steps
-            ledger.upload()
+    def _save(self, why: str) -> None:
+        cfg, step = self.cfg, self.state.step
+        if self.ledger is not None:  # before the checkpoint: a resume from it never rewrites these steps
+            self.ledger.upload()
         cost = checkpoint.save(
-            engine, step,
-            state={"samples_seen": step * cfg.train.global_batch, "reader": reader_state,
-                   "world_size": world, "config": loop_config["config"],
+            self.engine, step,
+            state={"samples_seen": step * cfg.train.global_batch, "reader": self.state.reader,
+                   "world_size": self.world, "config": self.loop_config["config"],
                    # what evaluate, sample and export need of the data: its tokenizer
-                   "tokenizer": manifest.tokenizer, "eos_id": manifest.eos_id},
-            rank_state={"sums": sums.cpu(), "ema": ema.state_dict() if ema else None,
-                        "rng": torch.get_rng_state()},
-            metrics={"step": step}, rank=rank, attempt=attempt)
-        if rank == 0:
+                   "tokenizer": self.manifest.tokenizer, "eos_id": self.manifest.eos_id},
+            rank_state=self.state.rank_state() | {"ema": self.ema.state_dict() if self.ema else None},
+            metrics={"step": step}, rank=self.rank, attempt=self.attempt)
+        if self.rank == 0:
             print(f"checkpoint after step {step}{f' ({why})' if why else ''}: "
                   f"{cost['bytes'] / 2**30:.3f} GiB, written in {cost['write_s']:.1f} s, "
                   f"committed in {cost['commit_s']:.1f} s", flush=True)
-
-    start = last = time.perf_counter()
-    step = done
-    with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
-        for step in range(done + 1, cfg.train.steps + 1):
-            ids = []
-            for _ in range(accumulation):
-                batch = next(batches)
-                reader_state = batch["state"]
-                if ledger is not None:
-                    ids += batch["ids"].tolist()
-                out, rows = micro_step(engine, batch, noise, device, cfg.train.micro_batch)
-                sums += torch.stack([out["loss"].detach().double(), out["bits_per_token"].double(),
-                                     torch.ones((), dtype=torch.float64, device=device)]) * rows
-            if ema is not None:
-                ema.update()
-            if ledger is not None:
-                ledger.write(step, ids)
-
-            record = {"step": step}
-            if _due(step, cfg.logging.every, cfg):
-                dist.all_reduce(sums)  # every rank, at the same steps
-                now = time.perf_counter()
-                record.update({
-                    "loss": (sums[0] / sums[2]).item(),
-                    "nelbo_bits_per_token": (sums[1] / sums[2]).item(),
-                    "lr": lr_schedule.get_last_lr()[0],
-                    "tokens_per_s": sums[2].item() * cfg.data.seq_len / (now - last),
-                    "samples_seen": step * cfg.train.global_batch,
-                })
-                if peak is not None:  # the model's FLOPs against every worker's peak
-                    record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * 1e12 * world)
-                if cfg.cluster.use_gpu:  # the largest of any worker, since the run (re)started
-                    memory = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
-                    dist.all_reduce(memory, dist.ReduceOp.MAX)
-                    record["peak_memory_gib"] = memory.item()
-                grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed keeps none (stage 0, fp32)
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                sums.zero_()
-                last = now
-            histograms = {}
-            if learnable and len(record) > 1:
-                with deepspeed.zero.GatheredParameters(learnable):  # a no-op below ZeRO-3
-                    w = model.schedule.exponents().detach().float().cpu()
-                record.update(exponent_min=w.min().item(), exponent_mean=w.mean().item(),
-                              exponent_max=w.max().item())
-                histograms["exponents"] = w
-            if evaluate is not None and _due(step, cfg.eval.every, cfg):
-                began = time.perf_counter()
-                with ema.swapped() if ema is not None else nullcontext():
-                    record.update(evaluate(engine))
-                last += time.perf_counter() - began  # tokens/s counts training time only
-            texts = {}
-            if _due(step, cfg.logging.sample_every, cfg):
-                began = time.perf_counter()
-                with ema.swapped() if ema is not None else nullcontext():
-                    drawn = samples.draw(engine.module, cfg, step, device)
-                texts["samples"] = samples.as_markdown(drawn, tokenizer, manifest.eos_id)
-                last += time.perf_counter() - began
-            if writer is not None and (len(record) > 1 or texts):
-                writer.write(record, histograms, texts)
-            if writer is not None and len(record) > 1:
-                print(_progress(record, cfg, time.perf_counter() - start, done), flush=True)
-            why, stop = watch.check()  # a SIGTERM or a preemption notice: save now
-            if why or step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-                save(step, why)
-            if stop:
-                if rank == 0:
-                    print(f"stopped after step {step} of {cfg.train.steps}; the same command "
-                          "resumes the run", flush=True)
-                break
-    if writer is not None:
-        writer.close()
-        if step == cfg.train.steps:
-            print(f"done: {cfg.train.steps} steps; metrics {join(cfg.train.run_dir, 'metrics.jsonl')}, "
-                  f"TensorBoard logs {join(cfg.train.run_dir, 'tensorboard')}", flush=True)
 
 
 def _progress(record: dict, cfg: Config, elapsed: float, done: int) -> str:
