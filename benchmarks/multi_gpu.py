@@ -62,7 +62,7 @@ MODELS = {  # base config, per-worker micro-batch
 
 def write_corpus(out: str, vocab_size: int, seq_len: int, sequences: int) -> str:
     """Uniform random tokens as a train split in the shard writer's layout; returns its URL."""
-    from data_tools.shard_writer import SplitWriter
+    from md4_dist.data.shard_writer import SplitWriter
     from md4_dist.data.manifest import Manifest, save, token_dtype
 
     dtype = token_dtype(vocab_size)

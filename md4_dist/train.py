@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     except (ConfigError, ManifestError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from md4_dist.trainer.ray_job import fit  # the one place Ray enters
+    from md4_dist.trainer.ray_job import fit  # Ray starts the job there (trainer/ray_job.py)
 
     try:
         step = fit(cfg)

@@ -1,6 +1,5 @@
 """Object storage through the real S3 protocol: a moto server on 127.0.0.1 reached via s3fs."""
 
-import os
 import socket
 import subprocess
 import sys

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import sentencepiece as spm
-import torch
 
 from md4_dist.data import TokenStream, load_manifest, make_loader
 

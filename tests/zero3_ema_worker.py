@@ -5,7 +5,6 @@ Checks PartitionedEMA against an average of the whole parameters, gathered every
 and that the ranks' saved shares join into the whole average (`checkpoint_format.whole_average`).
 """
 
-import os
 import sys
 from datetime import timedelta
 

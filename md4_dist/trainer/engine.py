@@ -5,7 +5,9 @@
 
 Everything DeepSpeed needs to know about the model is decided here: ZeRO-3's leaf modules and
 external parameters, and how the step is compiled (`train.compile` per block, or DeepSpeed's
-DeepCompile of the whole module with `deepspeed.deepcompile`).
+DeepCompile of the whole module with `deepspeed.deepcompile`). Beyond the engine, DeepSpeed is
+read in two places: its partitions by the EMA (trainer/ema.py), its checkpoint files by
+trainer/checkpoint.py and the checkpoint format (md4_dist/checkpoint_format.py).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from md4_dist.config import Config
+from md4_dist.diffusion_model import DiffusionModel
 from md4_dist.model import Block
 from md4_dist.trainer.ds_config import deepspeed_config
-from md4_dist.diffusion_model import DiffusionModel
 
 
 def build_model(cfg: Config) -> DiffusionModel:

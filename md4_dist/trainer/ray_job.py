@@ -1,5 +1,7 @@
 """Where Ray enters: attach to a cluster or start the embedded one, and run the train loop on
-`cluster.num_workers` workers with Ray Train's TorchTrainer."""
+`cluster.num_workers` workers with Ray Train's TorchTrainer. Inside the workers, Ray Train's
+API is used in two more places: its context (trainer/loop.py) and its checkpoint reports
+(trainer/checkpoint.py); the driver's stop request is a Ray actor (trainer/stop.py)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import torch
 
 from md4_dist.config import Config
 from md4_dist.sampling import sample
+from md4_dist.trainer.engine import schedule_parameters
 from md4_dist.tokenizer import decode
 
 
@@ -18,10 +19,8 @@ from md4_dist.tokenizer import decode
 def draw(module, cfg: Config, step: int, device: torch.device) -> list[list[int]]:
     """cfg.logging.samples token sequences of the training length from `module` (the
     DiffusionModel DeepSpeed wraps), seeded by the run's seed and the step."""
-    import deepspeed
-
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
-    with deepspeed.zero.GatheredParameters(list(module.schedule.parameters())):  # a no-op below ZeRO-3
+    with schedule_parameters(module):
         tokens = sample(module.denoiser, module.schedule, cfg.logging.samples, cfg.data.seq_len,
                         cfg.logging.sample_steps, generator=generator, device=device)
     return tokens.cpu().tolist()
