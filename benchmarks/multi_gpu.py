@@ -205,7 +205,7 @@ def elastic(args, work: str, device: str, command: str) -> bool:
     import psutil
 
     from md4_dist.data import load_manifest
-    from md4_dist.trainer.metrics import ledger_problems, read_ledger
+    from md4_dist.trainer.ledger import ledger_problems, read_ledger
 
     n, model, every = args.workers[0], args.model, args.checkpoint_every
     cfg = run_config(model, args)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from md4_dist.data import load_manifest
-from md4_dist.trainer.metrics import ledger_problems, read_ledger
+from md4_dist.trainer.ledger import ledger_problems, read_ledger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"tokens_per_s"}  # wall-clock figures; everything else must repeat exactly

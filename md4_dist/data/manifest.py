@@ -21,7 +21,7 @@ import numpy as np
 
 from md4_dist.data.storage import StorageConfig, StorageError, join, read_bytes, write_bytes
 
-FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 1  # manifest.json's; a format of its own, apart from checkpoints and exports
 MANIFEST_NAME = "manifest.json"
 TOKENS_EXT = "tokens.npy"
 
@@ -64,7 +64,7 @@ class Manifest:
     tokenizer: dict | None = None  # {"url": ..., "sha256": ...}
     entropy_bits_per_token: float | None = None  # exact, for synthetic corpora
     created_by: dict = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = MANIFEST_FORMAT_VERSION
     # Filled in by `load`: where it was read from and the sha256 of its bytes.
     url: str = field(default="", compare=False)
     sha256: str = field(default="", compare=False)
@@ -106,9 +106,9 @@ def load(url: str, storage: StorageConfig | None = None) -> Manifest:
                             "write leaves no manifest)") from None
     try:
         data = json.loads(raw)
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") != MANIFEST_FORMAT_VERSION:
             raise ManifestError(f"{url}: format_version {data.get('format_version')!r} is not the "
-                                f"supported {FORMAT_VERSION}")
+                                f"supported {MANIFEST_FORMAT_VERSION}")
         splits = {k: Split(shards=[Shard(**s) for s in v.pop("shards")], **v)
                   for k, v in data.pop("splits").items()}
         m = Manifest(splits=splits, **data)

@@ -29,8 +29,9 @@ from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
 from md4_dist.trainer import checkpoint, perf
 from md4_dist.trainer.ema import PartitionedEMA
-from md4_dist.trainer.evaluate import Evaluator
-from md4_dist.trainer.metrics import MetricsWriter, SampleLedger
+from md4_dist.trainer.validation import Validation
+from md4_dist.trainer.ledger import SampleLedger
+from md4_dist.trainer.metrics import MetricsWriter
 from md4_dist.trainer.engine import build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
@@ -91,18 +92,15 @@ class Trainer:
         self.batches = iter(make_loader(stream, cfg.data.loader_workers))
         self.noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
                                      masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, self.device)
-        self.evaluator = Evaluator(cfg, self.manifest, rank, world, self.device) if cfg.eval.every else None
+        self.validation = Validation(cfg, self.manifest, rank, world, self.device) if cfg.eval.every else None
         self.tokenizer = None
         if cfg.logging.sample_every and rank == 0 and self.manifest.tokenizer is not None:
             from md4_dist.tokenizer import load_tokenizer
             self.tokenizer = load_tokenizer(self.manifest.tokenizer, storage=cfg.storage)
 
-        attempt = torch.tensor([time.time_ns()], device=self.device)  # rank 0's clock names this attempt
-        dist.broadcast(attempt, 0)
-        self.attempt = int(attempt.item())
         self.writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=self.state.step + 1) \
             if rank == 0 else None
-        self.ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, self.attempt) \
+        self.ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, self.state.attempt) \
             if cfg.data.record_sample_ids else None
         self.watch = StopWatch(loop_config["stop"], rank, cfg.cluster.collective_timeout_s)
         last = cfg.train.steps
@@ -119,9 +117,9 @@ class Trainer:
                 self._step(step)
                 record, histograms = self._metrics(step)
                 texts = {}
-                if self.evaluator is not None and self.eval_due(step):
+                if self.validation is not None and self.eval_due(step):
                     with self._aside(), self._ema_weights():
-                        record.update(self.evaluator(self.engine))
+                        record.update(self.validation(self.engine))
                 if self.samples_due(step):
                     with self._aside(), self._ema_weights():
                         drawn = samples.draw(self.engine.module, cfg, step, self.device)
@@ -235,7 +233,7 @@ class Trainer:
                    # what evaluate, sample and export need of the data: its tokenizer
                    "tokenizer": self.manifest.tokenizer, "eos_id": self.manifest.eos_id},
             rank_state=self.state.rank_state() | {"ema": self.ema.state_dict() if self.ema else None},
-            metrics={"step": step}, rank=self.rank, attempt=self.attempt)
+            metrics={"step": step}, rank=self.rank, attempt=self.state.attempt)
         if self.rank == 0:
             print(f"checkpoint after step {step}{f' ({why})' if why else ''}: "
                   f"{cost['bytes'] / 2**30:.3f} GiB, written in {cost['write_s']:.1f} s, "

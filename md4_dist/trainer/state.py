@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,14 +49,19 @@ class MetricSums:
 
 
 class TrainState:
-    """Steps done, where the data stream stands after them, and the metric sums since the last
-    record. The step and the reader position are shared by every rank (the checkpoint's state);
-    the sums and the CPU RNG are each rank's own."""
+    """Steps done, where the data stream stands after them, the metric sums since the last
+    record, and this attempt's name. The step and the reader position are shared by every rank
+    (the checkpoint's state); the sums and the CPU RNG are each rank's own. The attempt (rank 0's
+    clock when this group started, the same on every rank) is new at every (re)start: it tells
+    the ledger's entries and a checkpoint's writers apart."""
 
     def __init__(self, device: torch.device):
         self.step = 0
         self.reader: dict | None = None  # the reader's state after `step` steps (None: the start)
         self.sums = MetricSums(device)
+        attempt = torch.tensor([time.time_ns()], device=device)
+        dist.broadcast(attempt, 0)
+        self.attempt = int(attempt.item())
 
     def load(self, state: dict, ranks: list[dict], world: int, rank: int) -> None:
         """From a checkpoint: its shared `state` and the rank shares `checkpoint.load` returned

@@ -22,7 +22,9 @@ from md4_dist.trainer.inputs import model_inputs
 from md4_dist.trainer.noise import EVAL, NoiseByPosition
 
 
-class Evaluator:
+class Validation:
+    """`validation(engine)` -> the record's val_nelbo_bits_per_token, val_nelbo_se, val_sequences."""
+
     def __init__(self, cfg: Config, manifest: Manifest, rank: int, world: int, device: torch.device):
         self.cfg, self.manifest, self.rank, self.world, self.device = cfg, manifest, rank, world, device
         available = manifest.split("val").sequences
@@ -39,7 +41,7 @@ class Evaluator:
                              world_size=self.world, seed=cfg.train.seed, loop=False,
                              on_corrupt=cfg.data.on_corrupt, storage=cfg.storage)
         batches = iter(make_loader(stream, num_workers=0))
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum, sum of squares, count
+        moments = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum, sum of squares, count
         empty = {"tokens": torch.empty((0, cfg.data.seq_len), dtype=torch.int64),
                  "positions": torch.empty(0, dtype=torch.int64)}
         for _ in range(self.forwards):
@@ -48,11 +50,11 @@ class Evaluator:
             batch = {"tokens": batch["tokens"][keep], "positions": batch["positions"][keep]}
             inputs, rows = model_inputs(batch, self.noise, self.device)
             bits = engine(*inputs)["nelbo"][:rows].double() / (cfg.data.seq_len * math.log(2))  # [rows]
-            sums[0] += bits.sum()
-            sums[1] += (bits ** 2).sum()
-            sums[2] += rows
-        dist.all_reduce(sums)
-        total, squares, n = sums.tolist()
+            moments[0] += bits.sum()
+            moments[1] += (bits ** 2).sum()
+            moments[2] += rows
+        dist.all_reduce(moments)
+        total, squares, n = moments.tolist()
         mean = total / n
         var = max(squares / n - mean ** 2, 0.0) * n / max(n - 1, 1)
         return {"val_nelbo_bits_per_token": mean, "val_nelbo_se": math.sqrt(var / n),
