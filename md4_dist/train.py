@@ -19,6 +19,8 @@ import signal
 import sys
 from dataclasses import replace
 
+from tqdm import tqdm
+
 from md4_dist.config import Config, ConfigError, load_config, save_config
 from md4_dist.data.manifest import ManifestError, load as load_manifest
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
@@ -55,9 +57,10 @@ def prepare(cfg: Config) -> Config:
         from md4_dist.data.synthetic import write_synthetic_corpus
         s = cfg.data.synthetic
         print(f"making the synthetic corpus at {cfg.data.manifest}", flush=True)
-        write_synthetic_corpus(cfg.data.manifest, vocab_size=cfg.model.vocab_size,
-                               seq_len=cfg.data.seq_len, num_sequences=s.num_sequences, seed=s.seed,
-                               val_fraction=s.val_fraction, overwrite=True)
+        with tqdm(total=s.num_sequences, unit="seq", desc="markov") as bar:
+            write_synthetic_corpus(cfg.data.manifest, vocab_size=cfg.model.vocab_size,
+                                   seq_len=cfg.data.seq_len, num_sequences=s.num_sequences, seed=s.seed,
+                                   val_fraction=s.val_fraction, overwrite=True, progress=bar.update)
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     if cfg.eval.every and not getattr(manifest.splits.get("val"), "sequences", 0):
