@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from data_tools.cli import Progress, add_output_args, check_output_args, run
-from md4_dist.data.synthetic import write_synthetic_corpus
+from md4_dist.data.synthetic import describe, write_synthetic_corpus
 
 
 def main(argv=None) -> int:
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
             args.out, vocab_size=args.vocab_size, seq_len=args.seq_len, num_sequences=args.num_sequences,
             seed=args.seed, successors=args.successors, floor=args.floor, val_fraction=args.val_fraction,
             sequences_per_shard=args.sequences_per_shard, overwrite=args.overwrite, progress=bar.update)
-    print(f"wrote {args.num_sequences} sequences "
-          f"({', '.join(f'{k}: {v.sequences}' for k, v in manifest.splits.items())}); "
-          f"entropy {manifest.entropy_bits_per_token:.4f} bits/token; manifest {manifest.url}")
+    print(describe(manifest))
     return 0
 
 

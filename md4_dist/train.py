@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from md4_dist.config import Config, ConfigError, load_config, save_config
+from md4_dist.config import Config, ConfigError, config_from_dict, load_config, save_config
 from md4_dist.data.manifest import ManifestError, load as load_manifest
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
 from md4_dist.strict_config import to_dict
@@ -54,13 +54,15 @@ def prepare(cfg: Config) -> Config:
     except ManifestError:
         if cfg.data.synthetic is None:
             raise
-        from md4_dist.data.synthetic import write_synthetic_corpus
+        from md4_dist.data.synthetic import describe, write_synthetic_corpus
         s = cfg.data.synthetic
         print(f"making the synthetic corpus at {cfg.data.manifest}", flush=True)
         with tqdm(total=s.num_sequences, unit="seq", desc="markov") as bar:
-            write_synthetic_corpus(cfg.data.manifest, vocab_size=cfg.model.vocab_size,
-                                   seq_len=cfg.data.seq_len, num_sequences=s.num_sequences, seed=s.seed,
-                                   val_fraction=s.val_fraction, overwrite=True, progress=bar.update)
+            written = write_synthetic_corpus(
+                cfg.data.manifest, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
+                num_sequences=s.num_sequences, seed=s.seed, val_fraction=s.val_fraction, overwrite=True,
+                progress=bar.update)
+        print(describe(written), flush=True)
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     if cfg.eval.every and not getattr(manifest.splits.get("val"), "sequences", 0):
@@ -71,7 +73,11 @@ def prepare(cfg: Config) -> Config:
         # The same command again resumes the run from its latest checkpoint; another config
         # would silently turn it into a different run.
         now = json.loads(json.dumps(to_dict(cfg)))  # tuples as JSON lists, as saved
-        before = json.loads(read_bytes(saved, cfg.storage))
+        # read through the config tree, so that keys added since the run began take their defaults
+        try:
+            before = to_dict(config_from_dict(json.loads(read_bytes(saved, cfg.storage))))
+        except ConfigError as e:
+            raise ConfigError(f"{saved}: {e}") from None
         # The cluster may change between attempts (the checkpoint is resharded); nothing else may.
         differ = [k for k in _differences(before, now) if not k.startswith("cluster.")]
         if differ:

@@ -100,3 +100,11 @@ def write_synthetic_corpus(out: str, *, vocab_size: int, seq_len: int, num_seque
                     "floor": floor})
     manifest.url = save(manifest, out)
     return manifest
+
+
+def describe(manifest: Manifest) -> str:
+    """The line the tools print after writing a corpus: its splits, exact entropy and manifest."""
+    splits = ", ".join(f"{k}: {v.sequences}" for k, v in manifest.splits.items())
+    total = sum(v.sequences for v in manifest.splits.values())
+    return (f"wrote {total} sequences ({splits}); entropy {manifest.entropy_bits_per_token:.4f} "
+            f"bits/token; manifest {manifest.url}")

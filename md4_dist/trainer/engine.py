@@ -49,7 +49,7 @@ def build_engine(cfg: Config, world_size: int, load_universal: bool = False,
 
     ds_config = deepspeed_config(cfg, world_size)
     if load_universal:
-        ds_config["checkpoint"] = {"load_universal": True}
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True  # beside deepspeed.extra's
     model = build_model(cfg)
     if state_dict is not None:
         model.load_state_dict(state_dict)
