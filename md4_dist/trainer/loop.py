@@ -27,17 +27,16 @@ from md4_dist.data import TokenStream, load_manifest, make_loader
 from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
-from md4_dist.trainer import checkpoint, perf
+from md4_dist.trainer import checkpoint, perf, samples
 from md4_dist.trainer.ema import PartitionedEMA
-from md4_dist.trainer.validation import Validation
-from md4_dist.trainer.ledger import SampleLedger
-from md4_dist.trainer.metrics import MetricsWriter
 from md4_dist.trainer.engine import build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
+from md4_dist.trainer.ledger import SampleLedger
+from md4_dist.trainer.metrics import MetricsWriter
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
-from md4_dist.trainer import samples
 from md4_dist.trainer.state import Every, TrainState
 from md4_dist.trainer.stop import StopWatch
+from md4_dist.trainer.validation import Validation
 
 
 def _eta(seconds: float) -> str:
@@ -108,6 +107,7 @@ class Trainer:
         self.samples_due = Every(cfg.logging.sample_every, last)
         self.checkpoint_due = Every(cfg.checkpoint.every, last)
         self.peak = perf.peak_tflops(cfg, torch.cuda.get_device_name(self.device) if cfg.cluster.use_gpu else None)
+        self.flops_per_token = perf.flops_per_token(cfg.model, cfg.diffusion, cfg.data.seq_len)
 
     def train(self) -> None:
         cfg, first = self.cfg, self.state.step + 1
@@ -171,8 +171,7 @@ class Trainer:
                       samples_seen=step * cfg.train.global_batch)
         self.window = now
         if self.peak is not None:  # the model's FLOPs against every worker's peak
-            per_token = perf.flops_per_token(cfg.model, cfg.diffusion, cfg.data.seq_len)
-            record["mfu"] = record["tokens_per_s"] * per_token / (self.peak * 1e12 * self.world)
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12 * self.world)
         if cfg.cluster.use_gpu:  # the largest of any worker, since the run (re)started
             memory = torch.tensor(torch.cuda.max_memory_allocated(self.device) / 2**30, device=self.device)
             dist.all_reduce(memory, dist.ReduceOp.MAX)
