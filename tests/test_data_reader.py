@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import shutil
 import tarfile
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 
 from data_tools import synthetic
 from md4_dist.data import CorruptShardError, ManifestError, TokenStream, load_manifest, make_loader
+from md4_dist.data.manifest import check_shards
+from md4_dist.data.reader import excluded_shards
 
 N, L, V = 230, 8, 13  # 230 sequences in shards of 40 (the last one shorter)
 
@@ -132,25 +135,79 @@ def test_state_mismatch_is_refused(corpus):
         TokenStream(m, "train", 4, state={**state, "manifest_sha256": "0" * 64})
 
 
-def test_truncated_shard_raises_or_is_skipped_and_counted(corpus, tmp_path):
-    import shutil
+@pytest.fixture
+def damaged(corpus, tmp_path):
+    """The corpus with train-000002.tar (ids 80..119) truncated to half its bytes."""
     ds = tmp_path / "ds"
     shutil.copytree(corpus, ds)
     victim = ds / "train-000002.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    m = load_manifest(str(ds))
+    return ds
+
+
+def test_size_check_names_missing_and_truncated_shards(corpus, damaged):
+    assert check_shards(load_manifest(corpus)) == []
+    (damaged / "train-000005.tar").unlink()
+    m = load_manifest(str(damaged))
+    want = m.split("train").shards[2].bytes
+    problems = {p.name: p.why for p in check_shards(m)}
+    assert problems == {"train-000002.tar": f"{want // 2} bytes, the manifest says {want}",
+                        "train-000005.tar": "missing"}
+    with pytest.raises(ManifestError, match=r"2 shard\(s\) disagree.*train-000002.tar: .*train-000005.tar: "
+                                            r"missing.*data.on_corrupt=skip"):
+        excluded_shards(m, "raise")
+    assert excluded_shards(m, "skip") == {"train": problems}
+
+
+def test_truncated_shard_read_is_an_error_naming_it(damaged):
+    m = load_manifest(str(damaged))
+    with pytest.raises(CorruptShardError, match="train-000002.tar: .*truncated"):
+        for _ in TokenStream(m, "train", 10, loop=False):
+            pass
+    (damaged / "train-000002.tar").unlink()
     with pytest.raises(CorruptShardError, match="train-000002.tar"):
         for _ in TokenStream(m, "train", 10, loop=False):
             pass
-    batches = list(TokenStream(m, "train", 10, loop=False, on_corrupt="skip"))
-    ids = torch.cat([b["ids"] for b in batches]).tolist()
-    skipped = sum(b["skipped"] for b in batches)
-    assert skipped == 40 and len(ids) == N - 40 and len(set(ids)) == len(ids)
-    assert not set(ids) & set(range(80, 120)), "the skipped shard held ids 80..119"
-    victim.unlink()
-    with pytest.raises(CorruptShardError, match="train-000002.tar"):
-        for _ in TokenStream(m, "train", 10, loop=False):
-            pass
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_excluded_shard_leaves_the_order_full_and_exactly_once(corpus, damaged, world):
+    """Without the damaged shard: the full order with its ids taken out, every batch full, the
+    same at any world size and worker count, each other sequence once per epoch."""
+    m = load_manifest(str(damaged))
+    gone = excluded_shards(m, "skip")["train"]
+    full = global_order(read_all(corpus, 1, workers=0), 1)
+    want = [i for i in full if not 80 <= i < 120]
+    per_rank = {}
+    for r in range(world):
+        s = TokenStream(m, "train", 7, rank=r, world_size=world, exclude=gone, loop=False)
+        per_rank[r] = list(make_loader(s, 2))
+        assert all(len(b["ids"]) == 7 for b in per_rank[r][:-1]), "every batch but the epoch's last is full"
+    assert global_order(per_rank, world) == want
+    # looping on: the next epoch leaves it out too, and the state says so
+    s = TokenStream(m, "train", 10, exclude=gone)
+    two = [b for _, b in zip(range(2 * len(want) // 10), s)]
+    ids = torch.cat([b["ids"] for b in two]).tolist()
+    assert sorted(ids[:len(want)]) == sorted(ids[len(want):]) == sorted(want)
+    assert two[-1]["state"]["excluded"] == ["train-000002.tar"] and two[-1]["state"]["epoch"] == 2
+    assert s.skipped_before(s.position(two[-1]["state"])) == 2 * 40
+    with pytest.raises(ManifestError, match="no shard"):
+        TokenStream(m, "train", 10, exclude=["train-999.tar"])
+
+
+def test_resume_with_another_exclusion_goes_on_from_the_same_point(corpus):
+    """A state saved before a shard was excluded (or after it was repaired) resumes at the same
+    point of the full order: the rest of the epoch is the full order's rest, less what is excluded."""
+    m = load_manifest(corpus)  # the same manifest bytes as the damaged copy's
+    full = torch.cat([b["ids"] for b in TokenStream(m, "train", 1, loop=False)]).tolist()
+    for before, now in (((), ("train-000002.tar",)), (("train-000002.tar",), ())):
+        s = TokenStream(m, "train", 5, exclude=before)
+        state = [b for _, b in zip(range(20), s)][-1]["state"]  # 100 sequences in
+        order = [i for i in full if not (before and 80 <= i < 120)]
+        upto = full.index(order[99]) + 1  # the same point of the full order
+        rest = torch.cat([b["ids"] for b in TokenStream(m, "train", 5, exclude=now, state=state,
+                                                         loop=False)]).tolist()
+        assert rest == [i for i in full[upto:] if not (now and 80 <= i < 120)], (before, now)
 
 
 def test_manifest_errors_name_the_url(corpus, tmp_path):

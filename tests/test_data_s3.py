@@ -75,3 +75,20 @@ def test_unreachable_endpoints_fail_within_30s_naming_the_url(s3_bucket, monkeyp
     print(f"silent endpoint gave up after {elapsed:.1f} s")
     assert elapsed < 30
     srv.close()
+
+
+def test_manifest_hint_only_where_the_storage_answered(s3_bucket, monkeypatch):
+    """A reachable bucket without a manifest gets the "interrupted write" hint; an endpoint that
+    cannot be reached (a closed port: refused at once) gets only what is true."""
+    with pytest.raises(ManifestError) as found:
+        load_manifest(f"{s3_bucket}/unfinished")
+    assert "does not exist" in str(found.value) and "interrupted or unfinished write" in str(found.value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed}")
+    with pytest.raises(ManifestError) as unreachable:
+        load_manifest(f"{s3_bucket}/unfinished")
+    text = str(unreachable.value)
+    assert f"cannot reach the storage endpoint for {s3_bucket}/unfinished/manifest.json" in text
+    assert "manifest" in text and "interrupted" not in text and "does not exist" not in text

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from md4_dist.data.storage import StorageConfig, StorageError, join, read_bytes, write_bytes
+from md4_dist.data.storage import (StorageConfig, StorageError, explain, filesystem, join, read_bytes,
+                                   write_bytes)
 
 MANIFEST_FORMAT_VERSION = 1  # manifest.json's; a format of its own, apart from checkpoints and exports
 MANIFEST_NAME = "manifest.json"
@@ -102,8 +103,10 @@ def load(url: str, storage: StorageConfig | None = None) -> Manifest:
     try:
         raw = read_bytes(url, storage)
     except StorageError as e:
-        raise ManifestError(f"cannot read the dataset manifest: {e} (an interrupted or unfinished "
-                            "write leaves no manifest)") from None
+        # The hint only where it is true: the storage answered, and the manifest is not there.
+        missing = isinstance(e.__cause__, (FileNotFoundError, NotADirectoryError))
+        hint = " (an interrupted or unfinished write leaves no manifest)" if missing else ""
+        raise ManifestError(f"cannot read the dataset manifest: {e}{hint}") from None
     try:
         data = json.loads(raw)
         if data.get("format_version") != MANIFEST_FORMAT_VERSION:
@@ -123,6 +126,50 @@ def load(url: str, storage: StorageConfig | None = None) -> Manifest:
             raise ManifestError(f"{url}: split {name!r} shard counts do not add up to {split.sequences}")
     m.url, m.sha256 = url, hashlib.sha256(raw).hexdigest()
     return m
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """A shard whose file disagrees with the manifest: missing, or of another size."""
+
+    split: str
+    name: str
+    url: str
+    why: str  # e.g. "missing", "1536 bytes, the manifest says 20480"
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.why}"
+
+
+def check_shards(m: Manifest, storage: StorageConfig | None = None) -> list[ShardProblem]:
+    """Every shard of every split against the manifest: present, and of the size it records.
+
+    One listing per directory (fsspec `ls(detail=True)`), not one request per shard, so it is
+    cheap enough to run before every (re)start. It catches what truncation or a lost upload
+    does; a shard of the right size with damaged bytes is found only when it is read.
+    """
+    by_dir: dict[str, list[tuple[str, Shard]]] = {}
+    for split_name, split in m.splits.items():
+        for shard in split.shards:
+            by_dir.setdefault(m.shard_url(shard.name).rsplit("/", 1)[0], []).append((split_name, shard))
+    problems = []
+    for folder, shards in by_dir.items():
+        try:
+            fs, path = filesystem(folder, storage)
+            sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"]
+                     for e in fs.ls(path, detail=True, refresh=True)}
+        except FileNotFoundError:
+            sizes = {}  # the directory is gone: every shard in it is missing
+        except Exception as e:  # noqa: BLE001 - re-raised with the URL named
+            raise explain(folder, e) from e
+        for split_name, shard in shards:
+            url, base = m.shard_url(shard.name), shard.name.rsplit("/", 1)[-1]
+            if base not in sizes:
+                problems.append(ShardProblem(split_name, shard.name, url, "missing"))
+            elif sizes[base] != shard.bytes:
+                problems.append(ShardProblem(split_name, shard.name, url, f"{sizes[base]} bytes, the "
+                                             f"manifest says {shard.bytes}"))
+    return problems
 
 
 def save(m: Manifest, out_dir: str, storage: StorageConfig | None = None) -> str:

@@ -16,6 +16,19 @@ batches k, k + K, ..., and the DataLoader's round-robin returns them in order, s
 changes nothing either. The state is the global cursor after the batch; since every rank trains
 the same number of batches, it is the same on every rank and resumes at any world size.
 
+Damaged shards (data.on_corrupt = "skip") are decided before the stream starts, not found on the
+way: `excluded_shards` compares every shard's size with the manifest (one listing per directory),
+and the stream is built without them (`exclude`). An excluded shard keeps its place in the shard
+permutation with no sequences in it, so the order is the full order with its sequences taken out:
+the sequences after it move up, every batch is full, every rank agrees (rank 0 decides, the
+trainer broadcasts), and each remaining sequence is read exactly once per epoch. The state names
+the excluded shards; a resume with another set (a shard damaged since, or repaired) continues at
+the same point of the full order, with the new set from there on. A shard whose size is right but
+whose bytes are not is found only when read: that is a CorruptShardError naming it, whatever
+on_corrupt says, since a rank cannot leave a shard out on its own without the ranks' batches
+diverging. The trainer ends the run at once on it (no restart can cure it); repair the shard, or
+delete it and run again, when under "skip" it is left out as a missing one.
+
 Each worker reads a whole shard and keeps its share of it, so every reader reads every shard once
 per epoch (W x K times the data in all): cheap at the consumption rate of a GPU, see
 benchmarks/RESULTS.md.
@@ -26,18 +39,18 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Collection, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from md4_dist.data.manifest import TOKENS_EXT, Manifest, ManifestError
+from md4_dist.data.manifest import TOKENS_EXT, Manifest, ManifestError, ShardProblem, check_shards
 from md4_dist.data.storage import StorageConfig, StorageError, open_url
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 names the excluded shards; a version-1 state (none excluded) is read as such
 
 
 @dataclass
@@ -55,7 +68,9 @@ class DataConfig:
     manifest: str = ""  # dataset directory or manifest.json URL: local path, s3://, gs://
     seq_len: int = 1024  # must equal the manifest's
     loader_workers: int = 2  # DataLoader worker processes per rank
-    on_corrupt: Literal["raise", "skip"] = "raise"  # skip: drop a bad shard's sequences, counted
+    # before the run: a shard missing or of the wrong size is an error ("raise"), or is left out of
+    # the order and its sequences counted as skipped ("skip"); see the reader's docstring
+    on_corrupt: Literal["raise", "skip"] = "raise"
     synthetic: SyntheticData | None = None  # generate this corpus when the manifest is absent
     record_sample_ids: bool = False  # each rank writes the ids it trains on to samples/rank-<r>.jsonl
 
@@ -68,6 +83,38 @@ class DataConfig:
 
 class CorruptShardError(IOError):
     """A shard is missing, truncated or malformed; the message names its URL."""
+
+
+def excluded_shards(manifest: Manifest, on_corrupt: str,
+                    storage: StorageConfig | None = None) -> dict[str, dict[str, str]]:
+    """{split: {shard name: what is wrong}} for the shards to leave out of the order: the shards
+    `check_shards` finds missing or of the wrong size. With on_corrupt = "raise" any such shard is
+    a ManifestError naming them all."""
+    problems = check_shards(manifest, storage)
+    if problems and on_corrupt == "raise":
+        raise ManifestError(f"{len(problems)} shard(s) disagree with {manifest.url}: "
+                            f"{_listing(problems)}. Repair them (re-shard or re-upload), or set "
+                            "data.on_corrupt=skip to train without them")
+    out: dict[str, dict[str, str]] = {}
+    for p in problems:
+        out.setdefault(p.split, {})[p.name] = p.why
+    return out
+
+
+def describe_exclusion(manifest: Manifest, excluded: dict[str, dict[str, str]]) -> str:
+    """One line for the log: what the run leaves out under data.on_corrupt = "skip"."""
+    parts = []
+    for split, shards in sorted(excluded.items()):
+        sizes = {s.name: s.sequences for s in manifest.split(split).shards}
+        parts.append(f"{len(shards)} {split} shard(s), {sum(sizes[n] for n in shards)} of "
+                     f"{manifest.split(split).sequences} sequences: " + _listing(
+                         [ShardProblem(split, n, manifest.shard_url(n), why) for n, why in sorted(shards.items())]))
+    return "data.on_corrupt = skip: leaving out " + "; ".join(parts)
+
+
+def _listing(problems: list[ShardProblem], most: int = 5) -> str:
+    text = ", ".join(str(p) for p in problems[:most])
+    return text + (f" and {len(problems) - most} more" if len(problems) > most else "")
 
 
 def read_shard(url: str, sequences: int, seq_len: int, dtype: str,
@@ -147,53 +194,100 @@ def npy_header(seq_len: int, dtype: str) -> bytes:
 
 
 class TokenStream(IterableDataset):
-    """Rank `rank` of `world_size`'s share of the global order, as micro-batches (see module doc)."""
+    """Rank `rank` of `world_size`'s share of the global order, as micro-batches (see module doc).
+    `exclude`: names of this split's shards to leave out (`excluded_shards`)."""
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, state: dict | None = None, loop: bool = True,
-                 on_corrupt: str = "raise", storage: StorageConfig | None = None):
+                 exclude: Collection[str] = (), storage: StorageConfig | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if on_corrupt not in ("raise", "skip"):
-            raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.manifest, self.split_name = manifest, split
         self.split = manifest.split(split)
-        if self.split.sequences == 0:
-            raise ManifestError(f"{manifest.url}: split {split!r} is empty")
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.loop, self.on_corrupt, self.storage = seed, loop, on_corrupt, storage
-        self.start = 0 if state is None else self._position(state)
+        names = [s.name for s in self.split.shards]
+        unknown = sorted(set(exclude) - set(names))
+        if unknown:
+            raise ManifestError(f"{manifest.url}: split {split!r} has no shard(s) {unknown} to exclude")
+        self.excluded = sorted(exclude)
         self._counts = np.array([s.sequences for s in self.split.shards], dtype=np.int64)
+        self._live = self._kept(self.excluded)  # the counts with the excluded shards' set to 0
+        self.sequences = int(self._live.sum())  # an epoch's length
+        if self.sequences == 0:
+            raise ManifestError(f"{manifest.url}: split {split!r} has no sequences"
+                                + (f" outside the excluded shards {self.excluded}" if self.excluded else ""))
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.loop, self.storage = seed, loop, storage
         self._starts = self.split.shard_starts()
         self._order_cache: tuple = (None, None)
         self._within_cache: dict = {}
+        self.start = 0 if state is None else self._position(state)
+
+    def _kept(self, excluded: Collection[str]) -> np.ndarray:
+        gone = set(excluded)
+        return np.array([0 if s.name in gone else s.sequences for s in self.split.shards], dtype=np.int64)
+
+    def position(self, state: dict) -> int:
+        """The stream position a reader state stands at (checked against this stream)."""
+        return self._position(state)
 
     def _position(self, state: dict) -> int:
-        want = {"version": STATE_VERSION, "seed": self.seed, "manifest_sha256": self.manifest.sha256}
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"reader state version {state.get('version')!r} is not 1 or {STATE_VERSION} "
+                             f"(manifest {self.manifest.url})")
+        want = {"seed": self.seed, "manifest_sha256": self.manifest.sha256}
         for key, value in want.items():
             if state.get(key) != value:
                 raise ValueError(f"reader state {key} = {state.get(key)!r} does not match this reader's "
                                  f"{value!r} (manifest {self.manifest.url})")
         epoch, cursor = state["epoch"], state["cursor"]
-        if not (isinstance(epoch, int) and isinstance(cursor, int) and epoch >= 0
-                and 0 <= cursor < self.split.sequences):
+        before = state.get("excluded", []) if state["version"] == STATE_VERSION else []
+        n_before = int(self._kept(before).sum())
+        if not (isinstance(epoch, int) and isinstance(cursor, int) and epoch >= 0 and 0 <= cursor < n_before):
             raise ValueError(f"reader state has a bad epoch / cursor: {epoch!r} / {cursor!r}")
-        return epoch * self.split.sequences + cursor
+        if sorted(before) != self.excluded:  # the same point of the full order, counted in this one
+            log.warning("the reader state left out shards %s, this reader leaves out %s: the epoch "
+                        "goes on from the same point without the shards now excluded", before, self.excluded)
+            cursor = self._recount(epoch, cursor, self._kept(before))
+        return epoch * self.sequences + cursor
+
+    def _recount(self, epoch: int, cursor: int, counts: np.ndarray) -> int:
+        """Cursor `cursor` of an epoch's order built on `counts`, as a cursor of this stream's:
+        the sequences before the same point of the full order that this stream keeps."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._counts))
+        ends = np.cumsum(counts[order])
+        slot = int(np.searchsorted(ends, cursor, side="right"))
+        inside = cursor - int(ends[slot] - counts[order[slot]])  # into shard order[slot]
+        return int(self._live[order[:slot]].sum()) + (inside if self._live[order[slot]] else 0)
 
     def state_at(self, position: int) -> dict:
         """The JSON state for global stream position `position`."""
-        n = self.split.sequences
+        n = self.sequences
         return {"version": STATE_VERSION, "seed": self.seed, "epoch": position // n,
-                "cursor": position % n, "manifest_sha256": self.manifest.sha256}
+                "cursor": position % n, "manifest_sha256": self.manifest.sha256,
+                "excluded": self.excluded}
+
+    def skipped_before(self, position: int) -> int:
+        """The excluded shards' sequences the stream has stepped over before `position`, from the
+        start of epoch 0 (the trainer's skipped_sequences): each whole epoch's, and in the current
+        one those of the excluded shards whose place in the order lies before `position`."""
+        if not self.excluded:
+            return 0
+        per_epoch = int(self._counts.sum()) - self.sequences
+        epoch, i = divmod(position, self.sequences)
+        order, ends = self._shard_order(epoch)
+        slot = int(np.searchsorted(ends, i, side="right"))
+        return epoch * per_epoch + int((self._counts[order[:slot]] - self._live[order[:slot]]).sum())
 
     # -- the global order ---------------------------------------------------------------------
     def _shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard permutation of an epoch and the end offset of each permuted shard (cached)."""
+        """Shard permutation of an epoch and the end offset of each permuted shard (cached). The
+        permutation is of every shard, excluded ones too (they hold nothing): the order with a
+        shard excluded is the full order without its sequences."""
         if self._order_cache[0] != epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self._counts))
-            self._order_cache = (epoch, (order, np.cumsum(self._counts[order])))
+            self._order_cache = (epoch, (order, np.cumsum(self._live[order])))
         return self._order_cache[1]
 
     def _within(self, epoch: int, shard: int) -> np.ndarray:
@@ -208,19 +302,19 @@ class TokenStream(IterableDataset):
 
     def locate(self, position: int) -> tuple[int, int]:
         """(shard index, index inside the shard's file) of global stream position `position`."""
-        epoch, i = divmod(position, self.split.sequences)
+        epoch, i = divmod(position, self.sequences)
         order, ends = self._shard_order(epoch)
-        slot = int(np.searchsorted(ends, i, side="right"))
+        slot = int(np.searchsorted(ends, i, side="right"))  # skips the excluded shards: no width
         shard = int(order[slot])
-        j = i - int(ends[slot] - self._counts[shard])
+        j = i - int(ends[slot] - self._live[shard])
         return shard, int(self._within(epoch, shard)[j])
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        cache: dict[int, np.ndarray | None] = {}  # the last two shards read (None: corrupt, skipped)
-        m, W, n = self.batch_size, self.world_size, self.split.sequences
+        cache: dict[int, np.ndarray] = {}  # the last two shards read
+        m, W, n = self.batch_size, self.world_size, self.sequences
         epoch_end = (self.start // n + 1) * n  # loop=False stops at the end of the starting epoch
         b = worker
         while True:
@@ -229,35 +323,25 @@ class TokenStream(IterableDataset):
                 positions = [p for p in positions if p < epoch_end]
                 if not positions:
                     return
-            rows, ids, kept, skipped = [], [], [], 0
+            rows, ids = [], []
             for p in positions:
                 shard, q = self.locate(p)
                 if shard not in cache:
                     cache[shard] = self._load(shard)
                     while len(cache) > 2:
                         del cache[next(iter(cache))]
-                if cache[shard] is None:
-                    skipped += 1
-                    continue
                 rows.append(cache[shard][q])
                 ids.append(int(self._starts[shard]) + q)
-                kept.append(p)
-            tokens = np.stack(rows).astype(np.int64) if rows else np.empty((0, self.manifest.seq_len), np.int64)
-            yield {"tokens": torch.from_numpy(tokens), "ids": torch.tensor(ids, dtype=torch.int64),
-                   "positions": torch.tensor(kept, dtype=torch.int64), "skipped": skipped,
+            yield {"tokens": torch.from_numpy(np.stack(rows).astype(np.int64)),
+                   "ids": torch.tensor(ids, dtype=torch.int64),
+                   "positions": torch.tensor(positions, dtype=torch.int64),
                    "state": self.state_at(self.start + (b + 1) * m * W)}
             b += workers
 
-    def _load(self, shard: int) -> np.ndarray | None:
+    def _load(self, shard: int) -> np.ndarray:
         meta = self.split.shards[shard]
-        url = self.manifest.shard_url(meta.name)
-        try:
-            return read_shard(url, meta.sequences, self.manifest.seq_len, self.manifest.dtype, self.storage)
-        except CorruptShardError as e:
-            if self.on_corrupt == "raise":
-                raise
-            log.warning("skipping %d sequences of a corrupt shard: %s", meta.sequences, e)
-            return None
+        return read_shard(self.manifest.shard_url(meta.name), meta.sequences, self.manifest.seq_len,
+                          self.manifest.dtype, self.storage)
 
 
 def make_loader(stream: TokenStream, num_workers: int = 2) -> DataLoader:
