@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from md4_dist.config import Config, config_from_dict
-from md4_dist.data import TokenStream, load_manifest, make_loader
+from md4_dist.data import ManifestError, TokenStream, load_manifest, make_loader
+from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
-from md4_dist.trainer import checkpoint, perf, samples
+from md4_dist.trainer import checkpoint, fatal, perf, samples
 from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.engine import build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
@@ -51,19 +52,24 @@ def micro_step(engine, batch: dict, noise: NoiseByPosition, device: torch.device
     micro-batch; returns the model's outputs and the rows the micro-batch held."""
     inputs, rows = model_inputs(batch, noise, device)
     out = engine(*inputs)
-    # a short micro-batch (rows of a skipped corrupt shard) weighs what it holds
+    # the reader's training batches are full (damaged shards are left out of the order, not
+    # holes in it); a shorter micro-batch a caller makes weighs what it holds
     engine.backward(out["loss"] * (rows / micro_batch))
     engine.step()
     return out, rows
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train's worker function: `loop_config` holds the resolved config and the driver's stop
-    request (trainer/ray_job.py)."""
+    """Ray Train's worker function: `loop_config` holds the resolved config, the driver's stop
+    request and its record of uncurable errors (trainer/ray_job.py, trainer/fatal.py)."""
     import ray.train
 
+    record = loop_config.get("fatal")  # None until trainer/ray_job.py passes it
+    if record is not None and fatal.earlier_failure(record):
+        return  # an earlier attempt met an error no restart cures: fit ends, the driver raises it
     ctx = ray.train.get_context()
-    Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()).train()
+    with fatal.recorded_as_fatal(record, ctx.get_world_rank()) if record is not None else nullcontext():
+        Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()).train()
 
 
 class Trainer:
@@ -85,13 +91,15 @@ class Trainer:
 
         self.manifest = load_manifest(cfg.data.manifest, cfg.storage)
         self.manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
-        stream = TokenStream(self.manifest, "train", cfg.train.micro_batch, rank=rank, world_size=world,
-                             seed=cfg.train.seed, state=self.state.reader, on_corrupt=cfg.data.on_corrupt,
-                             storage=cfg.storage)
-        self.batches = iter(make_loader(stream, cfg.data.loader_workers))
+        excluded = self._excluded_shards()
+        self.stream = TokenStream(self.manifest, "train", cfg.train.micro_batch, rank=rank, world_size=world,
+                                  seed=cfg.train.seed, state=self.state.reader, exclude=excluded.get("train", ()),
+                                  storage=cfg.storage)
+        self.batches = iter(make_loader(self.stream, cfg.data.loader_workers))
         self.noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
                                      masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, self.device)
-        self.validation = Validation(cfg, self.manifest, rank, world, self.device) if cfg.eval.every else None
+        self.validation = Validation(cfg, self.manifest, rank, world, self.device, excluded.get("val", ())) \
+            if cfg.eval.every else None
         self.tokenizer = None
         if cfg.logging.sample_every and rank == 0 and self.manifest.tokenizer is not None:
             from md4_dist.tokenizer import load_tokenizer
@@ -168,7 +176,9 @@ class Trainer:
         now = time.perf_counter()
         record.update(loss=loss, nelbo_bits_per_token=bits, lr=self.lr_schedule.get_last_lr()[0],
                       tokens_per_s=rows * cfg.data.seq_len / (now - self.window),
-                      samples_seen=step * cfg.train.global_batch)
+                      samples_seen=step * cfg.train.global_batch,
+                      # sequences of shards left out as damaged that the stream has stepped over
+                      skipped_sequences=self.stream.skipped_before(self.stream.position(self.state.reader)))
         self.window = now
         if self.peak is not None:  # the model's FLOPs against every worker's peak
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12 * self.world)
@@ -184,6 +194,23 @@ class Trainer:
             return record, {}
         record.update(exponent_min=w.min().item(), exponent_mean=w.mean().item(), exponent_max=w.max().item())
         return record, {"exponents": w}
+
+    def _excluded_shards(self) -> dict[str, dict[str, str]]:
+        """The shards to leave out, {split: {name: why}}: rank 0 checks every shard's size against
+        the manifest (data.on_corrupt = "raise": a ManifestError naming them), every rank gets its
+        verdict, so all build the same order."""
+        verdict: list = [None]
+        if self.rank == 0:
+            try:
+                verdict[0] = excluded_shards(self.manifest, self.cfg.data.on_corrupt, self.cfg.storage)
+            except ManifestError as e:
+                verdict[0] = e
+        dist.broadcast_object_list(verdict, src=0)
+        if isinstance(verdict[0], ManifestError):
+            raise verdict[0]
+        if verdict[0] and self.rank == 0:
+            print(describe_exclusion(self.manifest, verdict[0]), flush=True)
+        return verdict[0]
 
     @contextmanager
     def _aside(self):
@@ -234,9 +261,13 @@ class Trainer:
             rank_state=self.state.rank_state() | {"ema": self.ema.state_dict() if self.ema else None},
             metrics={"step": step}, rank=self.rank, attempt=self.state.attempt)
         if self.rank == 0:
+            # ray.train.report has returned: every rank entered it, and this rank's files are in
+            # the run directory. Ray's controller registers the checkpoint (the one a restart
+            # resumes from) only once it has collected every rank's report, after this line.
             print(f"checkpoint after step {step}{f' ({why})' if why else ''}: "
                   f"{cost['bytes'] / 2**30:.3f} GiB, written in {cost['write_s']:.1f} s, "
-                  f"committed in {cost['commit_s']:.1f} s", flush=True)
+                  f"uploaded in {cost['commit_s']:.1f} s; Ray registers it once every rank's "
+                  "upload is in", flush=True)
 
 
 def _progress(record: dict, cfg: Config, elapsed: float, done: int) -> str:

@@ -6,12 +6,16 @@ files are kept in a local staging directory (seeded with what the run directory 
 and uploaded: the metrics after every record, from a thread of their own, where an upload that
 fails is logged and retried with the next one; the ledger at every checkpoint, before the
 checkpoint is reported. `MetricsWriter.close()` raises if the last upload fails.
+
+metrics.jsonl is strict JSON: a value that is not a finite number (a NaN loss, an infinite norm)
+is written as null, since JSON has no NaN; TensorBoard gets the value itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -78,8 +82,10 @@ class MetricsWriter:
         the step) and TensorBoard scalars; histograms and texts (Markdown) go to TensorBoard only."""
         step = record["step"]
         if len(record) > 1:
+            strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                      for k, v in record.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(strict, allow_nan=False) + "\n")
         for name, value in record.items():
             if name != "step":
                 self.tb.add_scalar(name, value, step)

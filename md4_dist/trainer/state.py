@@ -45,7 +45,7 @@ class MetricSums:
         dist.all_reduce(self.values)
         loss, bits, rows = self.values.tolist()
         self.values.zero_()
-        if not rows:  # every row of the window skipped (a corrupt shard): no mean to give
+        if not rows:  # no rows since the last record (not in training, whose batches are full)
             return float("nan"), float("nan"), rows
         return loss / rows, bits / rows, rows
 

@@ -10,6 +10,7 @@ and the standard error sd / sqrt(n) is valid.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.distributed as dist
@@ -25,9 +26,13 @@ from md4_dist.trainer.noise import EVAL, NoiseByPosition
 class Validation:
     """`validation(engine)` -> the record's val_nelbo_bits_per_token, val_nelbo_se, val_sequences."""
 
-    def __init__(self, cfg: Config, manifest: Manifest, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: Config, manifest: Manifest, rank: int, world: int, device: torch.device,
+                 exclude: Collection[str] = ()):
         self.cfg, self.manifest, self.rank, self.world, self.device = cfg, manifest, rank, world, device
-        available = manifest.split("val").sequences
+        # exclude: the val shards left out under data.on_corrupt = "skip" (data/reader.py)
+        self.stream = TokenStream(manifest, "val", cfg.train.micro_batch, rank=rank, world_size=world,
+                                  seed=cfg.train.seed, loop=False, exclude=exclude, storage=cfg.storage)
+        available = self.stream.sequences
         self.sequences = min(cfg.eval.sequences or available, available)
         # every rank runs the same number of forwards: ZeRO-3 gathers parameters in each of them
         self.forwards = math.ceil(self.sequences / (cfg.train.micro_batch * world))
@@ -37,10 +42,7 @@ class Validation:
     @torch.no_grad()
     def __call__(self, engine) -> dict:
         cfg = self.cfg
-        stream = TokenStream(self.manifest, "val", cfg.train.micro_batch, rank=self.rank,
-                             world_size=self.world, seed=cfg.train.seed, loop=False,
-                             on_corrupt=cfg.data.on_corrupt, storage=cfg.storage)
-        batches = iter(make_loader(stream, num_workers=0))
+        batches = iter(make_loader(self.stream, num_workers=0))
         moments = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum, sum of squares, count
         empty = {"tokens": torch.empty((0, cfg.data.seq_len), dtype=torch.int64),
                  "positions": torch.empty(0, dtype=torch.int64)}
