@@ -116,6 +116,10 @@ def main(argv=None) -> int:
     except (ConfigError, ManifestError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not os.environ.get("RAY_ADDRESS"):
+        # The embedded instance's token authentication, on by default as `ray.init(address=
+        # "local")` would set it; here, before Ray is imported, which reads its settings once.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from md4_dist.trainer.ray_job import fit  # Ray starts the job there (trainer/ray_job.py)
 
     try:

@@ -10,7 +10,7 @@ import os
 from md4_dist.config import Config, ConfigError
 from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
-from md4_dist.trainer import checkpoint
+from md4_dist.trainer import checkpoint, embedded_ray
 from md4_dist.trainer.loop import train_loop
 from md4_dist.trainer.stop import StopRequest, on_sigterm
 
@@ -48,23 +48,38 @@ def check_room(cfg: Config, have: dict, embedded: bool) -> None:
 
 def fit(cfg: Config) -> int:
     """Train; returns the last step checkpointed, short of `train.steps` when stopped early."""
-    import pyarrow.fs
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # How long Ray Train waits for a worker group's resources (its placement group) before it
     # decides the size again (Ray's default: 60 s). Read by the Ray processes this driver starts,
     # the embedded default, whose room check_room has checked; a cluster sets its own (launcher/).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     address = os.environ.get("RAY_ADDRESS")
+    embedded = None
     if not ray.is_initialized():
         # Inside `ray job submit`, or with RAY_ADDRESS set, this attaches to that cluster;
         # otherwise it starts a local Ray instance sized to this machine (the embedded default),
-        # also where `ray start` left a cluster running.
-        ray.init(address=address or "local", log_to_driver=True)
-    check_room(cfg, ray.cluster_resources(), embedded=not address)
+        # also where `ray start` left a cluster running. That instance lives in a session of its
+        # own, so that a SIGTERM to this process's group reaches this process only (embedded_ray.py).
+        if not address:
+            embedded = embedded_ray.start()
+        ray.init(address=address or embedded.address, log_to_driver=True)
+    try:
+        return _fit(cfg, embedded=not address)
+    finally:
+        if embedded is not None:
+            ray.shutdown()
+            embedded.close()
+
+
+def _fit(cfg: Config, embedded: bool) -> int:
+    import pyarrow.fs
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check_room(cfg, ray.cluster_resources(), embedded=embedded)
     # Ray Train keeps its own state under the run directory; on object storage it goes through
     # the same fsspec filesystem (endpoint, credentials, timeouts) as everything else.
     if protocol(cfg.train.run_dir) == "file":

@@ -1,8 +1,10 @@
 """Saving before the end without losing work: a SIGTERM to the driver, or Ray preempting a node.
 
-- SIGTERM to the driver (`ray job stop`, a scheduler ending the job, `kill`): every worker saves
-  a checkpoint after the step it is in, and the run stops. The same command resumes it. A second
-  SIGTERM aborts at once.
+- SIGTERM to the driver (`ray job stop`, a scheduler ending the job, `kill`, `timeout`, or to its
+  whole process group): every worker saves a checkpoint after the step it is in, and the run
+  stops. The same command resumes it. A second SIGTERM (`SAME_REQUEST_S` or more later) aborts
+  at once. The embedded Ray instance lives in a session of its own, so that a signal to the
+  driver's group reaches the driver only (trainer/embedded_ray.py).
 - Ray draining a node for preemption (a spot reclaim announced with a deadline): every worker
   saves a checkpoint and training goes on; when the node goes, Ray restarts the group from it.
 
@@ -25,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 PREEMPTION_POLL_S = 5.0  # as often as Ray Train's own watcher reads the drain state
+# One request can arrive as two SIGTERMs a moment apart: `timeout` signals its child, then its
+# whole process group, which holds the child too. Only a later one asks to exit at once.
+SAME_REQUEST_S = 2.0
 
 
 @ray.remote(num_cpus=0)
@@ -45,13 +50,15 @@ def on_sigterm(request) -> callable:
     """Make SIGTERM ask the workers to checkpoint and stop; a second SIGTERM exits at once.
     Call from the driver's main thread after `ray.init` (which sets a handler of its own).
     Returns a function that restores the handler before."""
-    received = []
+    received = []  # when the first SIGTERM came (time.monotonic)
 
     def handler(signum, frame):
+        if received and time.monotonic() - received[0] < SAME_REQUEST_S:
+            return
         if received:
             print("a second SIGTERM: exiting without waiting for the checkpoint", flush=True)
             sys.exit(128 + signum)
-        received.append(signum)
+        received.append(time.monotonic())
         request.set.remote("SIGTERM")
         print("SIGTERM: every worker saves a checkpoint after its current step, then the run "
               "stops (SIGTERM again to exit at once)", flush=True)
