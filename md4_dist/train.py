@@ -5,9 +5,10 @@
 
 Attaches to a Ray cluster when run inside `ray job submit` or with RAY_ADDRESS set; otherwise
 starts a local Ray instance (the embedded default). Run again with the same run directory and
-config, it resumes from the latest checkpoint. Everything that can be checked before a
-worker starts is checked here: the config, the global batch against every allowed world size,
-the dataset's manifest against the model.
+config, it resumes from the latest checkpoint; while a run lives, another on its run directory
+is refused (trainer/run_lock.py). Everything that can be checked before a worker starts is
+checked here: the config, the global batch against every allowed world size, the dataset's
+manifest against the model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from md4_dist.data.manifest import ManifestError, load as load_manifest
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
 from md4_dist.strict_config import to_dict
 from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precision
+from md4_dist.trainer.run_lock import RunLocked, take as take_run_lock
 
 
 def absolute(url: str) -> str:
@@ -112,21 +114,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        cfg = prepare(cfg)
-    except (ConfigError, ManifestError, StorageError) as e:
+        # One run at a time per run directory, taken before anything is written there.
+        lock = take_run_lock(absolute(cfg.train.run_dir), cfg.storage)
+    except (ConfigError, StorageError, RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not os.environ.get("RAY_ADDRESS"):
-        # The embedded instance's token authentication, on by default as `ray.init(address=
-        # "local")` would set it; here, before Ray is imported, which reads its settings once.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from md4_dist.trainer.ray_job import fit  # Ray starts the job there (trainer/ray_job.py)
+    with lock:  # renewed while the run lives; released at exit, a SIGTERM's included
+        try:
+            cfg = prepare(cfg)
+        except (ConfigError, ManifestError, StorageError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not os.environ.get("RAY_ADDRESS"):
+            # The embedded instance's token authentication, on by default as `ray.init(address=
+            # "local")` would set it; here, before Ray is imported, which reads its settings once.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        from md4_dist.trainer.ray_job import fit  # Ray starts the job there (trainer/ray_job.py)
 
-    try:
-        step = fit(cfg)
-    except ConfigError as e:  # the cluster cannot hold the workers asked for
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        try:
+            step = fit(cfg)
+        except ConfigError as e:  # the cluster cannot hold the workers asked for
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     # Stopped early (SIGTERM): not a success for a scheduler, which may run the command again.
     return 0 if step == cfg.train.steps else 128 + signal.SIGTERM
 

@@ -55,6 +55,7 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
         assert "peak_memory_gib" not in rec  # GPU memory, on GPU workers only
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["eval"]["every"] == 150 and os.path.isabs(saved["data"]["manifest"])
+    assert (run_dir / "run.lock").read_bytes() == b"", "the run's lock released at its end"
 
     entropy = json.loads((data / "manifest.json").read_text())["entropy_bits_per_token"]
     last = got[-1]
@@ -123,6 +124,7 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL_S3"]})
     root = run_dir.removeprefix("s3://")
     assert json.loads(fs.cat(f"{root}/config.json"))["train"]["run_dir"] == run_dir
+    assert fs.cat(f"{root}/run.lock") == b"", "the run's lock released at its end"
     got = records(fs.cat(f"{root}/metrics.jsonl").decode())
     assert [rec["step"] for rec in got] == [5, 10] and "val_nelbo_bits_per_token" in got[-1]
     fs.get(f"{root}/tensorboard", str(tmp_path / "tb"), recursive=True)
