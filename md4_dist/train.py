@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from md4_dist.config import Config, ConfigError, config_from_dict, load_config, save_config
 from md4_dist.data.manifest import ManifestError, load as load_manifest
+from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
 from md4_dist.strict_config import to_dict
 from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precision
@@ -67,6 +68,10 @@ def prepare(cfg: Config) -> Config:
         print(describe(written), flush=True)
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
+    # every shard's size against the manifest; on_corrupt "raise": a ManifestError naming them
+    excluded = excluded_shards(manifest, cfg.data.on_corrupt, cfg.storage)
+    if excluded:
+        print(f"warning: {describe_exclusion(manifest, excluded)}", flush=True)
     if cfg.eval.every and not getattr(manifest.splits.get("val"), "sequences", 0):
         raise ConfigError(f"config key 'eval.every' = {cfg.eval.every} needs a 'val' split, and "
                           f"{manifest.url} has none: set eval.every=0 or re-shard with a val fraction")
@@ -129,11 +134,12 @@ def main(argv=None) -> int:
             # The embedded instance's token authentication, on by default as `ray.init(address=
             # "local")` would set it; here, before Ray is imported, which reads its settings once.
             os.environ.setdefault("RAY_AUTH_MODE", "token")
+        from md4_dist.trainer.fatal import DataError
         from md4_dist.trainer.ray_job import fit  # Ray starts the job there (trainer/ray_job.py)
 
         try:
             step = fit(cfg)
-        except ConfigError as e:  # the cluster cannot hold the workers asked for
+        except (ConfigError, DataError) as e:  # the cluster cannot hold the workers; a damaged shard
             print(f"error: {e}", file=sys.stderr)
             return 2
     # Stopped early (SIGTERM): not a success for a scheduler, which may run the command again.

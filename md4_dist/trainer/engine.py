@@ -36,9 +36,18 @@ def build_model(cfg: Config) -> DiffusionModel:
     if cfg.train.compile != "off":
         for block in model.denoiser.blocks:
             # the forward only: ZeRO-3's hooks around it stay eager
-            block.forward = torch.compile(block.forward, mode=cfg.train.compile)
+            block.forward = _when_training(torch.compile(block.forward, mode=cfg.train.compile),
+                                           block.forward)
         model.denoiser.out.compile()
     return model
+
+
+def _when_training(compiled, eager):
+    """The compiled forward where gradients are taken, the eager one elsewhere (validation and
+    samples, a small share of a run). Under no_grad, reduce-overhead's CUDA graphs let one block's
+    replay overwrite the output the next block is reading (seen on the H200: "accessing tensor
+    output of CUDAGraphs that has been overwritten by a subsequent run" at the first validation)."""
+    return lambda *args: compiled(*args) if torch.is_grad_enabled() else eager(*args)
 
 
 def build_engine(cfg: Config, world_size: int, load_universal: bool = False,

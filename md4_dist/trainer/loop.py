@@ -64,11 +64,11 @@ def train_loop(loop_config: dict) -> None:
     request and its record of uncurable errors (trainer/ray_job.py, trainer/fatal.py)."""
     import ray.train
 
-    record = loop_config.get("fatal")  # None until trainer/ray_job.py passes it
-    if record is not None and fatal.earlier_failure(record):
+    record = loop_config["fatal"]
+    if fatal.earlier_failure(record):
         return  # an earlier attempt met an error no restart cures: fit ends, the driver raises it
     ctx = ray.train.get_context()
-    with fatal.recorded_as_fatal(record, ctx.get_world_rank()) if record is not None else nullcontext():
+    with fatal.recorded_as_fatal(record, ctx.get_world_rank()):
         Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()).train()
 
 

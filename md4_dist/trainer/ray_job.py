@@ -11,6 +11,7 @@ from md4_dist.config import Config, ConfigError
 from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
 from md4_dist.trainer import checkpoint, embedded_ray
+from md4_dist.trainer.fatal import FatalRecord, raise_if_recorded
 from md4_dist.trainer.loop import train_loop
 from md4_dist.trainer.stop import StopRequest, on_sigterm
 
@@ -91,11 +92,12 @@ def _fit(cfg: Config, embedded: bool) -> int:
     env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     # On the driver's node, which lives as long as the run: workers' nodes may come and go.
-    stop = StopRequest.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    stop = StopRequest.options(scheduling_strategy=on_driver_node).remote()
+    fatal = FatalRecord.options(scheduling_strategy=on_driver_node).remote()  # trainer/fatal.py
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(cfg), "stop": stop},
+        train_loop_config={"config": to_dict(cfg), "stop": stop, "fatal": fatal},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
                                  timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -111,6 +113,10 @@ def _fit(cfg: Config, embedded: bool) -> int:
     restore = on_sigterm(stop)
     try:
         result = trainer.fit()
+    except Exception:
+        raise_if_recorded(fatal)  # the data error itself, named, rather than Ray's wrapper of it
+        raise
     finally:
         restore()
+    raise_if_recorded(fatal)  # a restarted group that found the record returned at once
     return checkpoint.step_of(result.checkpoint)

@@ -1,0 +1,45 @@
+"""Errors no restart can cure end the run at once, naming the shard (real Ray, real DeepSpeed)."""
+
+import tarfile
+import time
+
+from test_data_faults import train
+
+
+def make_corpus(tmp_path):
+    from data_tools import synthetic
+    from md4_dist.data import load_manifest
+
+    data = tmp_path / "markov"
+    assert synthetic.main(["--out", str(data), "--vocab-size", "64", "--seq-len", "64", "--num-sequences",
+                           "400", "--sequences-per-shard", "40", "--val-fraction", "0"]) == 0
+    return data, load_manifest(str(data))
+
+
+def test_truncated_shard_fails_before_any_worker_starts(tmp_path):
+    data, m = make_corpus(tmp_path)
+    victim = data / m.split("train").shards[3].name
+    victim.write_bytes(victim.read_bytes()[:1000])
+    r = train(f"train.run_dir={tmp_path / 'run'}", f"data.manifest={data}", "train.steps=4")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{victim}: 1000 bytes, the manifest says" in r.stderr and "data.on_corrupt=skip" in r.stderr
+    assert "ray" not in r.stderr.lower().split("error:")[0]  # nothing was launched
+
+
+def test_shard_damaged_inside_ends_the_run_without_retries(tmp_path):
+    """The right size, a broken tar header inside: found by the worker that reads it, which
+    records it; the restarted group returns at once and the driver names the shard."""
+    data, m = make_corpus(tmp_path)
+    victim = data / m.split("train").shards[0].name
+    with tarfile.open(victim) as tf:
+        header = tf.getmembers()[3].offset  # member 3's tar header block
+    raw = bytearray(victim.read_bytes())
+    raw[header:header + 512] = b"A" * 512
+    victim.write_bytes(bytes(raw))
+    t = time.monotonic()
+    r = train(f"train.run_dir={tmp_path / 'run'}", f"data.manifest={data}", "train.steps=30",
+              "logging.every=1", "eval.every=0", "logging.sample_every=0")
+    print(f"ended after {time.monotonic() - t:.0f} s")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    # tarfile reads the broken header as the end: "truncated: 3 of the manifest's 40 sequences"
+    assert f"{victim}: " in r.stderr and "a restart cannot cure this" in r.stderr, r.stderr[-3000:]
