@@ -9,9 +9,10 @@ import torch
 def model_inputs(batch: dict, noise, device: torch.device) -> tuple[tuple[torch.Tensor, ...], int]:
     """(x, t, u) for DiffusionModel from a reader batch and a NoiseByPosition, and the row count.
 
-    A micro-batch whose every row fell in a skipped corrupt shard has no rows, yet under ZeRO-3
-    every rank must run each forward and backward (they gather parameters together): it becomes
-    one placeholder row, which the caller weights by the row count, 0.
+    Validation's last micro-batch on a rank can have no rows (a rank's share of the val sequences
+    may end one forward before another's), yet under ZeRO-3 every rank must run each forward (they
+    gather parameters together): it becomes one placeholder row, which the caller weights by the
+    row count, 0. (Training batches are always full: data/reader.py.)
     """
     tokens, positions = batch["tokens"], batch["positions"]
     rows = len(tokens)
