@@ -6,16 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # -L lists GPUs: GPU images ship nvidia-smi on CPU instances too, where it fails.
 if nvidia-smi -L >/dev/null 2>&1; then
-  # GPU node: the package's own ranges, so torch comes from PyPI as its CUDA build. Ray is pinned
-  # to the laptop's version (scripts/setup.sh's): Ray expects the launcher, the cluster and the
-  # job client on one version.
+  # GPU node: the same pinned set as the CPU set-up (scripts/constraints.txt), torch as PyPI's
+  # CUDA build of the pinned version. Ray, the launcher and the job client agree on one version.
   if ! python3 -m venv .venv; then  # Ubuntu keeps venv in a package of its own
     sudo apt-get update -q && sudo apt-get install -y -q python3-venv && python3 -m venv .venv
   fi
-  .venv/bin/pip install -q --upgrade pip setuptools wheel ninja  # ninja: DeepSpeed JIT-builds ops
-  .venv/bin/pip install -q torch
-  .venv/bin/pip install -q --no-build-isolation deepspeed  # its setup.py imports the torch above
-  .venv/bin/pip install -q -e . "$(grep -E '^ray==' scripts/constraints-cpu.txt)"
+  pins=scripts/constraints.txt
+  .venv/bin/pip install -q -c "$pins" --upgrade pip setuptools wheel ninja  # ninja: DeepSpeed JIT-builds ops
+  .venv/bin/pip install -q -c "$pins" torch
+  .venv/bin/pip install -q -c "$pins" --no-build-isolation deepspeed  # its setup.py imports torch
+  .venv/bin/pip install -q -c "$pins" -e .
 else
   bash scripts/setup.sh  # CPU node: the pinned CPU torch, exactly as on the laptop
 fi

@@ -178,3 +178,44 @@ def test_aws_security_group_opens_only_ssh_to_the_internet():
     rules = _create_default_inbound_rules(["sg-md4"], ours)
     public = [r for r in rules if r.get("IpRanges") or r.get("Ipv6Ranges") or r.get("PrefixListIds")]
     assert public and all((r["FromPort"], r["ToPort"]) == (22, 22) for r in public), public
+
+
+def pinned(path):
+    """{normalised name: version} of a pins file; every entry must be `name==version`."""
+    pins = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
+        assert m, f"{path}: {line!r} is not pinned as name==version"
+        name = re.sub(r"[-_.]+", "-", m[1]).lower()
+        assert name not in pins, f"{path}: {m[1]} pinned twice"
+        pins[name] = m[2]
+    return pins
+
+
+def test_every_node_installs_the_one_pinned_set():
+    """The CPU set-up, every YAML's node set-up and its head-only packages install with `-c`
+    scripts/constraints.txt, whose every entry is pinned and which pins every dependency."""
+    pins = pinned(os.path.join(ROOT, "scripts", "constraints.txt"))
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        import tomllib
+        deps = tomllib.load(f)["project"]["dependencies"]
+    for dep in deps:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", dep)[0]).lower()
+        assert name in pins, f"pyproject dependency {dep!r} is not in scripts/constraints.txt"
+    for path in YAMLS:
+        config = prepared(path)
+        assert "bash ~/md4-dist/launcher/node_setup.sh" in config["setup_commands"], path
+        commands = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                  "worker_setup_commands") for c in config.get(key, [])]
+        for c in commands:
+            if "pip install" in c:
+                assert "-c ~/md4-dist/scripts/constraints.txt" in c, f"{path}: {c!r}"
+    for script, flag in (("launcher/node_setup.sh", '-c "$pins"'), ("scripts/setup.sh", "-c scripts/constraints.txt")):
+        text = Path(ROOT, script).read_text()
+        installs = [ln for ln in text.splitlines() if "pip install" in ln and not ln.lstrip().startswith("#")]
+        assert installs and all(flag in ln for ln in installs), (script, installs)
+    node = Path(ROOT, "launcher", "node_setup.sh").read_text()
+    assert "pins=scripts/constraints.txt" in node and "bash scripts/setup.sh" in node
