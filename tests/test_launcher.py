@@ -219,3 +219,17 @@ def test_every_node_installs_the_one_pinned_set():
         assert installs and all(flag in ln for ln in installs), (script, installs)
     node = Path(ROOT, "launcher", "node_setup.sh").read_text()
     assert "pins=scripts/constraints.txt" in node and "bash scripts/setup.sh" in node
+
+
+def test_console_scripts_are_the_commands():
+    """Each `md4-*` command is installed and calls the `main` of its `python -m` form."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e for e in entry_points(group="console_scripts") if e.name.startswith("md4-")}
+    assert set(scripts) == {"md4-train", "md4-evaluate", "md4-sample", "md4-export", "md4-shard",
+                            "md4-tokenizer", "md4-synthetic", "md4-submit"}
+    for e in scripts.values():
+        assert e.load().__name__ == "main", e
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "md4-synthetic"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--vocab-size" in r.stdout, r.stderr
