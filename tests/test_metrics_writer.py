@@ -3,6 +3,7 @@ training loop's thread, a failed one is logged and made good by the next, and th
 failure is an error that names the run directory."""
 
 import json
+import os
 import logging
 import time
 
@@ -43,5 +44,46 @@ def test_the_last_upload_failing_is_an_error_naming_the_run(s3_bucket, s3_endpoi
         s3_bucket.removeprefix("s3://"))
     bucket.objects.all().delete()  # the run's storage gone before the end
     bucket.delete()
+    writer.write({"step": 2, "loss": 1.5})  # something left to upload: its upload fails
     with pytest.raises(StorageError, match=f"{s3_bucket}/run"):
         writer.close()
+
+
+def test_uploads_send_only_what_changed(s3_bucket):
+    """Unchanged files are not sent again; on S3 a grown file past 5 MiB is extended by its tail
+    (S3 copies the rest), a smaller one is sent whole; the object always equals the file."""
+    from md4_dist.trainer.metrics import APPEND_MIN_BYTES, StagedFiles
+
+    files = StagedFiles(f"{s3_bucket}/run", None)
+    big, small = files.path("samples/rank-0.jsonl"), files.path("metrics.jsonl")
+    line = b'{"step": 1, "ids": [' + b"1234567, " * 100 + b"0]}\n"
+    with open(big, "wb") as f:
+        f.write(line * (APPEND_MIN_BYTES // len(line) + 1))
+    with open(small, "wb") as f:
+        f.write(line)
+    files.upload()
+    first = os.path.getsize(big) + len(line)
+    assert files.bytes_sent == first
+    files.upload()
+    assert files.bytes_sent == first, "nothing changed, nothing sent"
+    for path in (big, small):
+        with open(path, "ab") as f:
+            f.write(line)
+    files.upload()
+    assert files.bytes_sent == first + len(line) + 2 * len(line), "the big file's tail, the small one whole"
+    for path, name in ((big, "samples/rank-0.jsonl"), (small, "metrics.jsonl")):
+        assert read_bytes(f"{s3_bucket}/run/{name}") == open(path, "rb").read(), name
+
+
+def test_tensorboard_reads_the_run_on_s3(s3_bucket, s3_endpoint, monkeypatch):
+    """`tensorboard --logdir s3://...` (README): TensorBoard's own S3 reader finds the scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = MetricsWriter(f"{s3_bucket}/run")
+    for step in (1, 2, 3):
+        writer.write({"step": step, "loss": 1.0 / step})
+    writer.close()
+    monkeypatch.setenv("S3_ENDPOINT", s3_endpoint)  # what TensorBoard's S3 reader reads
+    acc = EventAccumulator(f"{s3_bucket}/run/tensorboard")
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]

@@ -7,6 +7,13 @@ and uploaded: the metrics after every record, from a thread of their own, where 
 fails is logged and retried with the next one; the ledger at every checkpoint, before the
 checkpoint is reported. `MetricsWriter.close()` raises if the last upload fails.
 
+An upload sends only what changed: a file whose size is what was last sent is skipped (these
+files only grow, by appending: metrics.jsonl, TensorBoard's event files, the ledger), and on S3 a
+file that has grown past S3's smallest multipart part (5 MiB) is extended in place: a multipart
+upload whose first part is the object itself, copied by S3 (UploadPartCopy), and whose last part
+is the new tail. So the bytes sent per record stay flat as the run grows. Smaller files, and
+other stores, are sent whole.
+
 metrics.jsonl is strict JSON: a value that is not a finite number (a NaN loss, an infinite norm)
 is written as null, since JSON has no NaN; TensorBoard gets the value itself.
 """
@@ -34,13 +41,15 @@ class StagedFiles:
         self.run_dir, self.storage = run_dir, storage
         self.remote = protocol(run_dir) != "file"
         self.root = tempfile.mkdtemp(prefix="md4_dist-run-") if self.remote else run_dir
-        self.written: set[str] = set()
+        self.sent: dict[str, int] = {}  # bytes of each file the run directory holds (relative name)
+        self.bytes_sent = 0  # by all uploads, whole files and tails
         for name in fetch if self.remote else ():  # continue what an earlier attempt wrote
             try:
                 fs, path = filesystem(run_dir, storage)
                 if fs.exists(f"{path}/{name}"):
                     os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
                     fs.get_file(f"{path}/{name}", self.path(name))
+                    self.sent[name] = os.path.getsize(self.path(name))
             except Exception as e:  # noqa: BLE001 - re-raised with the URL named
                 raise explain(f"{run_dir}/{name}", e) from e
 
@@ -57,9 +66,46 @@ class StagedFiles:
             for d, _, files in os.walk(self.root):
                 for name in files:
                     local = os.path.join(d, name)
-                    fs.put_file(local, f"{path}/{os.path.relpath(local, self.root)}")
+                    rel = os.path.relpath(local, self.root)
+                    size, sent = os.path.getsize(local), self.sent.get(rel)
+                    if size == sent:
+                        continue  # unchanged since the last upload
+                    if sent is not None and APPEND_MIN_BYTES <= sent < size and \
+                            protocol(self.run_dir) in ("s3", "s3a"):
+                        self.bytes_sent += _append_s3(fs, f"{path}/{rel}", local, sent, size)
+                    else:
+                        with open(local, "rb") as f:  # its first `size` bytes: a writer may be
+                            fs.pipe_file(f"{path}/{rel}", f.read(size))  # appending meanwhile
+                        self.bytes_sent += size
+                    self.sent[rel] = size
         except Exception as e:  # noqa: BLE001 - re-raised with the URL named
             raise explain(self.run_dir, e) from e
+
+
+APPEND_MIN_BYTES = 5 * 2**20  # S3's smallest part of a multipart upload (all but the last)
+
+
+def _append_s3(fs, url: str, local: str, sent: int, size: int) -> int:
+    """Extend the S3 object `url`, which holds the first `sent` bytes of `local`, to its first
+    `size`: S3 copies what it holds itself, the tail travels. Returns the bytes sent."""
+    bucket, key, _ = fs.split_path(url)
+    where = {"Bucket": bucket, "Key": key}
+    upload = fs.call_s3("create_multipart_upload", **where)["UploadId"]
+    try:
+        head = fs.call_s3("upload_part_copy", **where, UploadId=upload, PartNumber=1,
+                          CopySource=where, CopySourceRange=f"bytes=0-{sent - 1}")
+        with open(local, "rb") as f:
+            f.seek(sent)
+            tail = f.read(size - sent)
+        last = fs.call_s3("upload_part", **where, UploadId=upload, PartNumber=2, Body=tail)
+        fs.call_s3("complete_multipart_upload", **where, UploadId=upload, MultipartUpload={"Parts": [
+            {"PartNumber": 1, "ETag": head["CopyPartResult"]["ETag"]},
+            {"PartNumber": 2, "ETag": last["ETag"]}]})
+    except BaseException:
+        fs.call_s3("abort_multipart_upload", **where, UploadId=upload)
+        raise
+    fs.invalidate_cache(url)
+    return len(tail)
 
 
 class MetricsWriter:
