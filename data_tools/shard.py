@@ -1,13 +1,18 @@
 """Tokenize text corpora into packed, fixed-length WebDataset shards plus a manifest.
 
-    python -m data_tools.shard --input 'data/owt/*.parquet' --tokenizer tok/owt32k.model \
-        --seq-len 1024 --out s3://bucket/owt-1024 --val-fraction 0.005 --workers 16
+    python -m data_tools.shard --input 'data/owt/*.parquet' --tokenizer tok/gpt2/tokenizer.json \
+        --seq-len 1024 --out s3://bucket/owt-gpt2-1024 --val-fraction 0.005 --workers 16
+
+--tokenizer is a SentencePiece .model (data_tools.train_tokenizer) or a Hugging Face
+tokenizer.json (GPT-2's byte-level BPE: V = 50257, EOS 50256), told apart by content; a file of
+neither kind is refused at once, naming it.
 
 Documents are tokenized in --workers processes, each followed by the tokenizer's EOS, and packed
 back to back into sequences of --seq-len tokens (a document may span two sequences; only the very
 last sequence of a split is padded, with EOS). A document goes to the validation split with
 probability --val-fraction (seeded, so the split is reproducible). manifest.json is written last,
-with the tokenizer's URL and sha256 and the source text bytes of each split (for bits per byte).
+with the tokenizer's URL, sha256 and kind and the source text bytes of each split (for bits per
+byte). The last line gives the start-up (to the first tokenized batch) and the rate after it.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import sys
 import time
 
 from data_tools.cli import Progress, add_output_args, check_output_args, run
-from md4_dist.data.sharding import shard_corpus
+from md4_dist.data.sharding import shard_corpus  # light: each tokenizing worker imports this module
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True, help="files or globs (local or fsspec URLs)")
-    ap.add_argument("--tokenizer", required=True, help="a SentencePiece .model (local or fsspec URL)")
+    ap.add_argument("--tokenizer", required=True,
+                    help="a SentencePiece .model or a Hugging Face tokenizer.json (local or fsspec URL)")
     ap.add_argument("--seq-len", type=int, required=True)
     add_output_args(ap)
     ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count() - 1))
@@ -35,9 +41,13 @@ def main(argv=None) -> int:
         ap.error("--workers must be >= 1")
 
     start = time.monotonic()
+    first = {}  # the time and bytes of the first tokenized batch: start-up ends there
     with Progress(unit="doc", desc="shard") as bar:
         def show(counts):
-            mb_s = counts.bytes / 1e6 / max(time.monotonic() - start, 1e-9)
+            now = time.monotonic()
+            first.setdefault("t", now)
+            first.setdefault("bytes", counts.bytes)
+            mb_s = counts.bytes / 1e6 / max(now - start, 1e-9)
             bar.to(counts.docs, tokens=f"{counts.tokens:,}", MB_s=f"{mb_s:.1f}")
 
         manifest, counts = shard_corpus(
@@ -45,8 +55,11 @@ def main(argv=None) -> int:
             sequences_per_shard=args.sequences_per_shard, workers=args.workers,
             text_field=args.text_field, overwrite=args.overwrite, progress=show)
     elapsed = time.monotonic() - start
+    startup = first["t"] - start
+    steady = (counts.bytes - first["bytes"]) / 1e6 / max(elapsed - startup, 1e-9)
     print(f"{counts.docs:,} documents, {counts.tokens:,} tokens in {elapsed:.1f} s "
-          f"({counts.bytes / 1e6 / elapsed:.2f} MB/s of text); "
+          f"({counts.bytes / 1e6 / elapsed:.2f} MB/s of text); start-up {startup:.2f} s to the first "
+          f"tokenized batch, then {steady:.2f} MB/s ({steady / args.workers:.2f} MB/s per worker); "
           + ", ".join(f"{k}: {v.sequences:,} sequences" for k, v in manifest.splits.items())
           + f"; manifest {manifest.url}")
     return 0

@@ -31,8 +31,8 @@ def add_checkpoint_args(ap) -> None:
     ap.add_argument("--no-ema", action="store_true",
                     help="the trained weights instead of their exponential moving average")
     ap.add_argument("--tokenizer", default=None,
-                    help="where the training data's tokenizer is now, if it moved (its sha256 must "
-                         "match the one recorded)")
+                    help="where the training data's tokenizer (a SentencePiece .model or a Hugging Face "
+                         "tokenizer.json) is now, if it moved (its sha256 must match the one recorded)")
     ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
 
 

@@ -83,11 +83,11 @@ def main(argv=None) -> int:
     if args.text is not None:
         from md4_dist.data.sources import all_documents, expand
 
-        sp = load_tokenizer(ckpt.tokenizer, args.tokenizer, cfg.storage)
+        tok = load_tokenizer(ckpt.tokenizer, args.tokenizer, cfg.storage)
         docs = list(all_documents(expand(args.text)))
         if not docs:
             raise ValueError(f"--text {' '.join(args.text)} holds no documents")
-        rows, text_bytes = pack_documents(sp, docs, L)
+        rows, text_bytes = pack_documents(tok, docs, L)
         tokens_per_byte = rows.size / text_bytes  # of all the text
         available, source = len(rows), f"--text {' '.join(args.text)}"
         rows = torch.from_numpy(rows[args.skip_sequences:][:args.max_sequences or None])

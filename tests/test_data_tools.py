@@ -133,4 +133,92 @@ def test_bad_inputs_name_the_culprit(corpus, tokenizer, tmp_path):
         assert not (tmp_path / "o" / "manifest.json").exists()
     r = cli("data_tools.shard", "--input", str(d / "a.jsonl"), "--tokenizer", str(no_field),
             "--seq-len", "8", "--out", str(tmp_path / "o2"))
-    assert r.returncode == 2 and "nofield.jsonl is not a SentencePiece model" in r.stderr
+    assert r.returncode == 2 and "nofield.jsonl is neither a SentencePiece .model nor a Hugging Face" in r.stderr
+
+
+# --- A Hugging Face tokenizer.json: GPT-2's kind (byte-level BPE, <|endoftext|> last), built here.
+
+@pytest.fixture(scope="module")
+def bpe_json(corpus):
+    """A byte-level BPE tokenizer.json made as GPT-2's is, small: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d, docs = corpus
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(["<|endoftext|>"])  # the last id, as GPT-2's 50256 of V = 50257
+    tok.save(str(d / "bpe.json"))  # not named tokenizer.json: the kind is read from the content
+    return str(d / "bpe.json"), tok.get_vocab_size()
+
+
+def test_tokenizer_json_round_trips_through_shards_reader_and_decode(corpus, bpe_json, tmp_path):
+    from md4_dist.tokenizer import decode, load_tokenizer, pack_documents
+    from md4_dist.trainer.samples import as_markdown
+
+    d, docs = corpus
+    path, V = bpe_json
+    # a document holding the EOS token's text stays one document: it is text, not a boundary
+    extra = ["a page about GPT-2: <|endoftext|> ends its documents", "   ", "last\n"]
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in extra))
+    docs = docs[:500] + extra
+    L = 40
+    r = cli("data_tools.shard", "--input", str(d / "a.jsonl"), str(tmp_path / "extra.jsonl"), "--tokenizer", path,
+            "--seq-len", str(L), "--out", str(tmp_path / "ds"), "--sequences-per-shard", "64", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "start-up" in r.stdout and "MB/s per worker" in r.stdout
+
+    m = load_manifest(str(tmp_path / "ds"))
+    assert m.vocab_size == V == 401 and m.eos_id == V - 1 and m.dtype == "uint16"
+    assert m.tokenizer["kind"] == "hf_tokenizer_json" and m.tokenizer["url"] == path
+    split = m.split("train")
+    assert split.source_bytes == sum(len(doc.encode()) for doc in docs)
+    rows = np.zeros((split.sequences, L), dtype=np.int64)
+    for b in make_loader(TokenStream(m, "train", 16, loop=False), 2):
+        rows[b["ids"].numpy()] = b["tokens"].numpy()
+
+    tok = load_tokenizer(m.tokenizer)  # as evaluate, sample and the trainer's samples load it
+    assert tok.kind == "hf_tokenizer_json" and tok.eos_id == V - 1 and tok.vocab_size == V
+    flat = rows.reshape(-1)
+    ends = np.flatnonzero(flat == tok.eos_id)
+    pieces = np.split(flat, ends + 1)[:len(docs)]  # the rest: the last row's EOS padding
+    assert [tok.decode(p[:-1].tolist()) for p in pieces] == docs, "exactly the text, document by document"
+    assert (flat[ends[len(docs) - 1] + 1:] == tok.eos_id).all()
+
+    # evaluate --text packs as sharding did; samples decode to the documents, a blank line between
+    packed, text_bytes = pack_documents(tok, docs, L)
+    np.testing.assert_array_equal(packed, rows)
+    assert text_bytes == split.source_bytes
+    assert decode(flat[:ends[len(docs) - 1] + 1].tolist(), tok, m.eos_id) == "\n\n".join(docs)
+    first_row = decode(rows[0].tolist(), tok, m.eos_id)
+    assert docs[0].startswith(first_row) and first_row.splitlines()[0] in as_markdown([rows[0].tolist()], tok, m.eos_id)
+    assert tok.eos_id not in tok.encode(extra[0]) and tok.decode(tok.encode(extra[0])) == extra[0]  # --prefix
+
+    other = tmp_path / "other.json"  # another tokenizer.json: refused as a different SentencePiece file is
+    other.write_text(open(path).read().replace('"<|endoftext|>"', '"<|end|>"'))
+    with pytest.raises(ValueError, match=f"tokenizer {other} .* does not match"):
+        load_tokenizer(m.tokenizer, str(other))
+
+
+def test_a_tokenizer_of_neither_kind_is_refused_naming_it(corpus, tmp_path):
+    d, _ = corpus
+    cases = {"notes.json": '{"text": "a JSON file, not a tokenizer"}', "garbage.model": "\x00\x01 not a model",
+             "empty.model": ""}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content)
+        r = cli("data_tools.shard", "--input", str(d / "a.jsonl"), "--tokenizer", str(tmp_path / name),
+                "--seq-len", "8", "--out", str(tmp_path / "o"))
+        assert r.returncode == 2, r.stderr
+        assert f"{tmp_path / name} is neither a SentencePiece .model nor a Hugging Face tokenizer.json" in r.stderr
+        assert not (tmp_path / "o").exists(), "refused before anything was written"
+
+
+def test_shard_tool_imports_no_torch():
+    """The tokenizing workers spawn starts import data_tools.shard again (as their __main__): with
+    torch among its imports, 14 workers spent half a minute before tokenizing anything."""
+    r = subprocess.run([sys.executable, "-c", "import sys, data_tools.shard; print(sorted(m for m in "
+                        "('torch', 'webdataset') if m in sys.modules))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

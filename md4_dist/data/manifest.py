@@ -2,7 +2,8 @@
 means no dataset (an interrupted write is never read as a complete one).
 
     {"format_version": 1, "vocab_size": V, "eos_id": 2 | null, "seq_len": L, "dtype": "uint16",
-     "tokenizer": {"url": ..., "sha256": ...} | null, "entropy_bits_per_token": H | null,
+     "tokenizer": {"url": ..., "sha256": ..., "kind": "sentencepiece" | "hf_tokenizer_json"} | null,
+     "entropy_bits_per_token": H | null,
      "splits": {"train": {"shards": [{"name": "train-000000.tar", "sequences": n, "bytes": b}],
                           "sequences": N, "tokens": T, "source_bytes": S | null}, "val": ...},
      "created_by": {...}}
@@ -62,7 +63,7 @@ class Manifest:
     dtype: str
     splits: dict[str, Split]
     eos_id: int | None = None
-    tokenizer: dict | None = None  # {"url": ..., "sha256": ...}
+    tokenizer: dict | None = None  # {"url", "sha256", "kind"} (md4_dist.tokenizer; no "kind" before it)
     entropy_bits_per_token: float | None = None  # exact, for synthetic corpora
     created_by: dict = field(default_factory=dict)
     format_version: int = MANIFEST_FORMAT_VERSION

@@ -1,10 +1,11 @@
 """Documents into rows as training sees them: each document's tokens followed by EOS, packed back
 to back into rows of seq_len (a document may span two rows; only the last row is padded, with
-EOS). Only numpy and sentencepiece, so the tokenizing workers sharding spawns (init_worker,
-worker_encode) start in a fraction of a second, and md4_dist.tokenizer stays free of torch.
+EOS). Only numpy and the tokenizer libraries, so the tokenizing workers sharding spawns
+(init_worker, worker_encode) start in a fraction of a second, and md4_dist.tokenizer stays free
+of torch.
 
-    flat, lengths, sizes = encode_documents(sp, ["a document", "another"])
-    packer = Packer(writer, seq_len=1024, pad_id=sp.eos_id())   # writer: a SplitWriter, say
+    flat, lengths, sizes = encode_documents(tok, ["a document", "another"])  # an md4_dist.tokenizer
+    packer = Packer(writer, seq_len=1024, pad_id=tok.eos_id)   # writer: a SplitWriter, say
     packer.add(flat, sum(sizes))
     packer.finish()                                             # pads the last row, closes writer
 """
@@ -15,28 +16,30 @@ import itertools
 from typing import Protocol
 
 import numpy as np
-import sentencepiece as spm
 
-_SP: spm.SentencePieceProcessor | None = None
+_TOK = None  # a worker's tokenizer (md4_dist.tokenizer.Tokenizer), built once by init_worker
 
 
-def init_worker(model_proto: bytes) -> None:
-    global _SP
-    _SP = spm.SentencePieceProcessor(model_proto=model_proto)
+def init_worker(data: bytes, name: str) -> None:
+    # imported here: md4_dist.tokenizer imports this module for pack_documents
+    from md4_dist.tokenizer import parse_tokenizer
+
+    global _TOK
+    _TOK = parse_tokenizer(data, name)
 
 
 def worker_encode(docs: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    return encode_documents(_SP, docs)
+    return encode_documents(_TOK, docs)
 
 
-def encode_documents(sp: spm.SentencePieceProcessor,
-                     docs: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Token ids of a batch of documents, each followed by EOS, concatenated; each document's
-    length in tokens (EOS included) and in UTF-8 bytes."""
-    ids = sp.encode(docs, num_threads=1)  # one core per worker: --workers W uses W cores
+def encode_documents(tok, docs: list[str], threads: int = 1) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Token ids of a batch of documents, each followed by `tok`'s EOS, concatenated; each
+    document's length in tokens (EOS included) and in UTF-8 bytes. threads = 1 by default: one
+    core per worker, so --workers W uses W cores; 0: every core."""
+    ids = tok.encode_batch(docs, threads)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     body = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    flat = np.insert(body, np.cumsum(lengths), sp.eos_id())  # EOS after each document
+    flat = np.insert(body, np.cumsum(lengths), tok.eos_id)  # EOS after each document
     return flat, lengths + 1, [len(d.encode("utf-8")) for d in docs]
 
 

@@ -1,18 +1,27 @@
 """Text corpora tokenized into packed, fixed-length WebDataset shards plus a manifest.
 
-    manifest, counts = shard_corpus(["data/owt/*.parquet"], "tok/owt32k.model", "s3://bucket/owt-1024",
+    manifest, counts = shard_corpus(["data/owt/*.parquet"], "tok/gpt2/tokenizer.json", "s3://bucket/owt-1024",
                                     seq_len=1024, val_fraction=0.005, workers=16)
+
+The tokenizer is a SentencePiece .model or a Hugging Face tokenizer.json (md4_dist.tokenizer).
 
 Documents are tokenized in `workers` processes, each followed by the tokenizer's EOS, and packed
 back to back into sequences of seq_len tokens (a document may span two sequences; only the very
 last sequence of a split is padded, with EOS). A document goes to the validation split with
 probability val_fraction (seeded, so the split is reproducible). manifest.json is written last,
-with the tokenizer's URL and sha256 and the source text bytes of each split (for bits per byte).
+with the tokenizer's URL, sha256 and kind and the source text bytes of each split (for bits per
+byte).
+
+The workers are spawned processes that import md4_dist.data.packing, the tokenizer libraries and
+the caller's __main__ module (spawn imports it again in each), so this module keeps its own
+imports light: the shard writer (webdataset, which imports torch) is imported only inside
+shard_corpus. With it at module level, each of 14 workers importing data_tools.shard paid for
+torch, together half a minute before the first document; now a worker starts in well under a
+second, and a --tokenizer of the wrong kind fails before torch is imported.
 """
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -20,13 +29,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import sentencepiece as spm
 
 from md4_dist.data.manifest import Manifest, save, token_dtype
 from md4_dist.data.packing import Packer, init_worker, worker_encode
-from md4_dist.data.shard_writer import SplitWriter, prepare_output
 from md4_dist.data.sources import all_documents, expand
 from md4_dist.data.storage import read_bytes
+from md4_dist.tokenizer import parse_tokenizer, tokenizer_record
 
 DOCS_PER_TASK = 64
 VAL_SEED = 20240521
@@ -56,13 +64,13 @@ def _tasks(urls, text_field, val_fraction):
         yield docs, splits
 
 
-def _tokenized(urls, text_field, val_fraction, model_proto, workers):
+def _tokenized(urls, text_field, val_fraction, tokenizer: tuple[bytes, str], workers):
     """(splits, tokens, lengths, sizes) of each batch of documents, in input order."""
     # A process pool that raises (BrokenProcessPool) if a worker dies, and a bounded window of
     # tasks in flight, consumed in submission order so the output does not depend on timing.
-    ctx = mp.get_context("spawn")  # workers need only sentencepiece: no fork of a large parent
+    ctx = mp.get_context("spawn")  # workers need only a tokenizer: no fork of a large parent
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
-                             initargs=(model_proto,)) as pool:
+                             initargs=tokenizer) as pool:
         inflight = deque()
         for docs, splits in _tasks(urls, text_field, val_fraction):
             inflight.append((splits, pool.submit(worker_encode, docs)))
@@ -80,22 +88,21 @@ def shard_corpus(inputs: list[str], tokenizer: str, out: str, *, seq_len: int,
                  progress: Callable[[ShardCounts], None] | None = None) -> tuple[Manifest, ShardCounts]:
     """Shards the documents of `inputs` (files or globs) at `out`; returns the saved manifest
     (its url set) and the counts. `progress` is called with the running counts after each batch."""
-    model_proto = read_bytes(tokenizer)
-    try:
-        sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError on bad protos
-        raise ValueError(f"{tokenizer} is not a SentencePiece model ({e})") from None
-    if sp.eos_id() < 0:
+    data = read_bytes(tokenizer)
+    tok = parse_tokenizer(data, tokenizer)  # neither kind: a TokenizerError naming the file
+    if tok.eos_id is None:
         raise ValueError(f"{tokenizer} has no EOS token, needed to separate documents")
-    V = sp.get_piece_size()
+    V = tok.vocab_size
+    from md4_dist.data.shard_writer import SplitWriter, prepare_output  # torch: see the docstring
+
     dtype = token_dtype(V)
     urls = expand(inputs)
     prepare_output(out, overwrite)
 
     packers = {name: Packer(SplitWriter(out, name, seq_len, dtype, sequences_per_shard),
-                            seq_len, sp.eos_id()) for name in ("train", "val")}
+                            seq_len, tok.eos_id) for name in ("train", "val")}
     counts = ShardCounts()
-    for splits, flat, lengths, sizes in _tokenized(urls, text_field, val_fraction, model_proto, workers):
+    for splits, flat, lengths, sizes in _tokenized(urls, text_field, val_fraction, (data, tokenizer), workers):
         for split, size, end, n in zip(splits, sizes, np.cumsum(lengths), lengths):
             packers[split].add(flat[end - n:end], size)
         counts.docs += len(lengths)
@@ -114,8 +121,8 @@ def shard_corpus(inputs: list[str], tokenizer: str, out: str, *, seq_len: int,
             splits[name] = p.writer.split
             splits[name].source_bytes = p.source_bytes
     manifest = Manifest(
-        vocab_size=V, seq_len=seq_len, dtype=dtype, splits=splits, eos_id=sp.eos_id(),
-        tokenizer={"url": tokenizer, "sha256": hashlib.sha256(model_proto).hexdigest()},
+        vocab_size=V, seq_len=seq_len, dtype=dtype, splits=splits, eos_id=tok.eos_id,
+        tokenizer=tokenizer_record(data, tokenizer, tok),
         # provenance: the command line whose options these are
         created_by={"tool": "data_tools.shard", "inputs": urls, "val_fraction": val_fraction,
                     "val_seed": VAL_SEED, "padded_tokens": {k: p.padded for k, p in packers.items()}})
