@@ -1,22 +1,48 @@
-"""Ancestral samplers for MD4 and GenMD4, with top-p and conditioning on given tokens.
+"""Samplers for MD4 and GenMD4: ancestral, top-p, confidence-ordered and threshold-parallel, with
+conditioning on given tokens (prefix, infilling), per-row seeds and stopping at EOS.
 
     tokens = sample(denoiser, schedule, num_samples=8, seq_len=1024, steps=256,
                     generator=torch.Generator().manual_seed(0))
     # prefix / infilling: positions where `fixed` is True keep the tokens of `given`
-    tokens = sample(denoiser, schedule, 8, 1024, 256, given=prompt, fixed=prompt_mask)
+    given, fixed = prefix_condition(prompt_ids, num_samples=8, seq_len=1024)
+    tokens = sample(denoiser, schedule, 8, 1024, 256, given=given, fixed=fixed)
+    # Fast-dLLM-style parallel decoding; a row drawn alone equals the same row in any batch
+    out = generate(denoiser, schedule, 8, 1024, steps=1024, sampler="threshold", threshold=0.9,
+                   seeds=row_seeds(0, first_row=0, n=8), batch_invariant=True, eos_id=eos)
+    out.tokens, out.denoiser_calls, out.calls_per_row
 
-From t to s < t each masked position n becomes token j with probability
-p_theta(j | z_t) (alpha_s(j) - alpha_t(j)) / (1 - alpha_t(j)) and stays masked otherwise. For the
-scalar MD4 schedules the fraction does not depend on j; for GenMD4's learnable schedule it does
-(the state-dependent rule). Unmasked positions never change, so given tokens are kept. After the
-last step any mask left is filled with the denoiser's most likely token.
+Samplers (docs/math.md, "Sampling"):
+- "ancestral" (MD4): from t to s < t each masked position n becomes token j with probability
+  p_theta(j | z_t) (alpha_s(j) - alpha_t(j)) / (1 - alpha_t(j)) and stays masked otherwise. For
+  the scalar MD4 schedules the fraction does not depend on j; for GenMD4's learnable schedule it
+  does (the state-dependent rule). After the last step any mask left is filled with the
+  denoiser's most likely token. "topp": the same from p_theta's nucleus (`top_p`).
+- "confidence", "margin", "entropy" (LLaDA's low-confidence remasking, Dream's orders): at each
+  grid step every masked position gets a candidate (a draw from p_theta at `temperature`, its
+  argmax at 0) and a score: the candidate's probability, the top-1 minus top-2 probability, or
+  minus the entropy. The k best-scored positions are unmasked, k being what the ancestral sampler
+  unmasks in expectation (for GenMD4's state-dependent schedule, with alpha averaged over tokens).
+- "threshold" (Fast-dLLM): every masked position whose candidate's probability reaches
+  `threshold` is unmasked, and at least the most confident one per step, until none is masked;
+  `steps` caps the denoiser calls (the last allowed call unmasks all that remain).
+Unmasked positions never change, so given tokens are kept.
+
+Randomness: `generator` (one stream for the batch) or `seeds` (one stream per row, see
+`row_seeds`). A row's draws then depend only on its own seed; with `batch_invariant=True` the
+denoiser also runs row by row, since on the CPU small-batch GEMMs (the denoiser's time MLP) round
+differently for different batch sizes. Together they make a row drawn alone equal to the same row
+drawn in a batch of any size, exactly (CPU and GPU alike, on one machine and software stack).
+Without `batch_invariant` the draws are still per row but the logits may differ in the last bits
+(bf16 on a GPU: more), which can flip a draw now and then.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 
 from md4_dist.diffusion import checks
@@ -24,6 +50,19 @@ from md4_dist.diffusion.schedules import MaskingSchedule
 
 # (z_t [B, L], t [B]) -> logits [B, L, V]: what the sampler draws from, e.g. a model.Denoiser
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+Sampler = Literal["ancestral", "topp", "confidence", "margin", "entropy", "threshold"]
+SAMPLERS = ("ancestral", "topp", "confidence", "margin", "entropy", "threshold")
+_ORDERED = ("confidence", "margin", "entropy")
+
+
+@dataclass
+class Generated:
+    """What `generate` returns."""
+
+    tokens: torch.Tensor  # [N, L] int64 in [0, V)
+    denoiser_calls: int  # forwards of the batch (row by row counts once)
+    calls_per_row: torch.Tensor  # [N] int64: the calls a row needed, as if drawn alone
 
 
 def time_grid(steps: int, grid: Literal["uniform", "cosine"], device=None) -> torch.Tensor:
@@ -54,56 +93,222 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
+def row_seeds(seed: int, first_row: int, n: int) -> list[int]:
+    """Seeds for rows first_row .. first_row + n - 1 of a run seeded by `seed`: a row's seed does
+    not depend on how the rows are batched. (SeedSequence mixes (seed, row), so different pairs
+    do not collide the way seed * K + row would.)"""
+    if first_row < 0 or n < 0:
+        raise ValueError(f"first_row and n must be >= 0, got {first_row}, {n}")
+    return [int(np.random.SeedSequence([seed, r]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+            for r in range(first_row, first_row + n)]
+
+
+def prefix_condition(prefix: Sequence[int], num_samples: int, seq_len: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(given, fixed) [num_samples, seq_len] that start every row with the prefix's tokens."""
+    if not 0 < len(prefix) < seq_len:
+        raise ValueError(f"the prefix is {len(prefix)} tokens; it must be 1 to {seq_len - 1} "
+                         f"for seq_len {seq_len} (at least one token is generated)")
+    given = torch.zeros((num_samples, seq_len), dtype=torch.int64)
+    given[:, :len(prefix)] = torch.as_tensor(list(prefix), dtype=torch.int64)
+    fixed = torch.zeros((num_samples, seq_len), dtype=torch.bool)
+    fixed[:, :len(prefix)] = True
+    return given, fixed
+
+
 def _alpha(schedule: MaskingSchedule, t: float, batch: int, device, dtype) -> torch.Tensor:
     """alpha at one time, shaped [B, 1, 1] (MD4) or [B, 1, V] (state dependent)."""
     a = schedule.alpha(torch.full((batch,), t, device=device, dtype=dtype))
     return a[:, None, None] if a.dim() == 1 else a[:, None, :]
 
 
-@torch.no_grad()
-def sample(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, seq_len: int,
-           steps: int, *, sampler: Literal["ancestral", "topp"] = "ancestral", top_p: float = 0.98,
-           grid: Literal["uniform", "cosine"] = "cosine", given: torch.Tensor | None = None,
-           fixed: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           device=None) -> torch.Tensor:
-    """Draw [num_samples, seq_len] int64 tokens in [0, V): no mask id remains.
+def _masked_fraction(schedule: MaskingSchedule, t: torch.Tensor) -> torch.Tensor:
+    """The expected fraction of the generated positions still masked at t [...] (float64): 1 at
+    t = 1. GenMD4's alpha_t(j) is averaged over the tokens j."""
+    def mean_alpha(t):
+        a = schedule.alpha(t)
+        return a.mean(-1) if schedule.state_dependent else a
+    one = torch.ones((), dtype=torch.float64, device=t.device)
+    return (1.0 - mean_alpha(t)) / (1.0 - mean_alpha(one))
 
-    given [N, L] int64 and fixed [N, L] bool: positions where fixed is True start (and stay) as
-    given's tokens; the rest are generated. Deterministic for a seeded generator.
-    """
+
+def _time_at_fraction(schedule: MaskingSchedule, fraction: torch.Tensor) -> torch.Tensor:
+    """The time t [N] whose expected masked fraction is `fraction` [N] (bisection; the fraction
+    grows with t). Below the fraction at t = 0 (the schedule's eps), 0."""
+    lo = torch.zeros_like(fraction, dtype=torch.float64)
+    hi = torch.ones_like(lo)
+    for _ in range(40):  # 2^-40: far below a float32 time's resolution
+        mid = (lo + hi) / 2
+        below = _masked_fraction(schedule, mid) < fraction
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return hi
+
+
+class _Uniforms:
+    """One uniform in [0, 1) per position per call, [N, L]: from each row's own generator
+    (`seeds`), from one shared generator, or from the global RNG."""
+
+    def __init__(self, n: int, seq_len: int, device, generator, seeds):
+        self.shape, self.device, self.generator, self.rows = (n, seq_len), device, generator, None
+        if seeds is not None:
+            self.rows = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self) -> torch.Tensor:
+        if self.rows is None:
+            return torch.rand(self.shape, generator=self.generator, device=self.device)
+        return torch.stack([torch.rand(self.shape[1], generator=g, device=self.device)
+                            for g in self.rows])
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per position: probs [N, L, K] (mass may sum to less than 1), u [N, L] ->
+    the index of the category u falls in, K where u lies past the mass. Row by row, so a row's
+    draw does not depend on the others."""
+    cdf = probs.cumsum(-1)  # [N, L, K]
+    return torch.searchsorted(cdf, u[..., None].to(cdf.dtype), right=True).squeeze(-1)
+
+
+def _scores(probs: torch.Tensor, candidate: torch.Tensor, order: str) -> torch.Tensor:
+    """How sure the denoiser is at each position, [N, L]: higher is surer."""
+    if order == "confidence":
+        return probs.gather(-1, candidate[..., None]).squeeze(-1)
+    if order == "margin":
+        if probs.shape[-1] < 2:
+            return probs[..., 0]
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    return torch.special.xlogy(probs, probs).sum(-1)  # minus the entropy
+
+
+def _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, temperature, given,
+           fixed, generator, seeds, eos_id, pad_id):
     V = schedule.vocab_size
     if V is None:
         raise ValueError("the schedule has no vocab_size: build it with vocab_size=V")
-    if sampler not in ("ancestral", "topp"):
-        raise ValueError(f"sampler must be 'ancestral' or 'topp', got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     if num_samples < 1 or seq_len < 1:
         raise ValueError(f"num_samples and seq_len must be >= 1, got {num_samples}, {seq_len}")
-    shape = (num_samples, seq_len)
-    z = torch.full(shape, V, dtype=torch.int64, device=device)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if (given is None) != (fixed is None):
         raise ValueError("given and fixed come together: tokens and the mask of positions to keep")
+    if generator is not None and seeds is not None:
+        raise ValueError("pass generator (one stream for the batch) or seeds (one per row), not both")
+    if seeds is not None and len(seeds) != num_samples:
+        raise ValueError(f"seeds must hold one seed per sample: {len(seeds)} seeds for "
+                         f"num_samples {num_samples}")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and not 0 <= value < V:
+            raise ValueError(f"{name} must be a token id in [0, {V - 1}], got {value}")
+    if pad_id is not None and eos_id is None:
+        raise ValueError(f"pad_id ({pad_id}) pads after the first EOS: pass eos_id too")
+
+
+@torch.no_grad()
+def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, seq_len: int,
+             steps: int, *, sampler: Sampler = "ancestral", top_p: float = 0.98,
+             threshold: float = 0.9, temperature: float = 1.0,
+             grid: Literal["uniform", "cosine"] = "cosine", given: torch.Tensor | None = None,
+             fixed: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             seeds: Sequence[int] | None = None, batch_invariant: bool = False,
+             eos_id: int | None = None, pad_id: int | None = None, device=None) -> Generated:
+    """Draw [num_samples, seq_len] int64 tokens in [0, V): no mask id remains.
+
+    given [N, L] int64 and fixed [N, L] bool: positions where fixed is True start (and stay) as
+    given's tokens; the rest are generated. `temperature` applies to the confidence-ordered and
+    threshold samplers' candidates (0: the argmax). `eos_id`: after sampling, every generated
+    position after a row's first generated EOS becomes `pad_id` (default: eos_id itself); the
+    draws are untouched, so the tokens up to that EOS are those drawn without it. Deterministic
+    for a seeded generator or given seeds.
+    """
+    _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, temperature, given,
+           fixed, generator, seeds, eos_id, pad_id)
+    V = schedule.vocab_size
+    shape = (num_samples, seq_len)
+    z = torch.full(shape, V, dtype=torch.int64, device=device)
     if given is not None:
         checks.tokens("given", given.to(z.device), shape, V - 1)
         if fixed.dtype != torch.bool or tuple(fixed.shape) != shape:
             raise ValueError(f"fixed must be a bool tensor of shape {shape}, got {fixed.dtype} "
                              f"{tuple(fixed.shape)}")
         z = torch.where(fixed.to(z.device), given.to(z.device), z)
-    times = time_grid(steps, grid)
+    free = z == V  # [N, L]: the positions to generate
+    uniforms = _Uniforms(num_samples, seq_len, z.device, generator, seeds)
     dtype = torch.float32
-    for i in range(steps):
-        t, s = float(times[i]), float(times[i + 1])
-        a_t = _alpha(schedule, t, num_samples, z.device, dtype)
-        a_s = _alpha(schedule, s, num_samples, z.device, dtype)
-        logits = denoiser(z, torch.full((num_samples,), t, device=z.device))  # [N, L, V]
-        probs = torch.softmax(logits.to(dtype), dim=-1)
-        if sampler == "topp":
-            probs = top_p_filter(probs, top_p)
-        to_token = probs * ((a_s - a_t) / (1.0 - a_t))  # [N, L, V]: unmask as token j
-        stay = (1.0 - to_token.sum(-1, keepdim=True)).clamp_(min=0.0)  # [N, L, 1]
-        choice = torch.multinomial(torch.cat([to_token, stay], -1).flatten(0, 1), 1,
-                                   generator=generator).view(shape)  # V means: stays masked
-        z = torch.where(z == V, choice, z)
-    # Always, not only when a mask is left: a data-dependent branch would cost a host sync, and
-    # under ZeRO-3 every rank must run the same forwards.
-    logits = denoiser(z, torch.zeros(num_samples, device=z.device))
-    return torch.where(z == V, logits.argmax(-1), z)
+
+    def logits_at(z, t):  # [N, L, V] in float32
+        if batch_invariant:
+            return torch.cat([denoiser(z[k:k + 1], t[k:k + 1]).to(dtype) for k in range(len(z))])
+        return denoiser(z, t).to(dtype)
+
+    calls_per_row = torch.zeros(num_samples, dtype=torch.int64, device=z.device)
+    calls = 0
+    if sampler in ("ancestral", "topp"):
+        times = time_grid(steps, grid)
+        for i in range(steps):
+            t, s = float(times[i]), float(times[i + 1])
+            a_t = _alpha(schedule, t, num_samples, z.device, dtype)
+            a_s = _alpha(schedule, s, num_samples, z.device, dtype)
+            probs = torch.softmax(logits_at(z, torch.full((num_samples,), t, device=z.device)), -1)
+            if sampler == "topp":
+                probs = top_p_filter(probs, top_p)
+            to_token = probs * ((a_s - a_t) / (1.0 - a_t))  # [N, L, V]: unmask as token j
+            choice = _draw(to_token, uniforms())  # [N, L]; V: stays masked
+            z = torch.where(z == V, choice.clamp_(max=V), z)
+        # Always, not only when a mask is left: a data-dependent branch would cost a host sync,
+        # and under ZeRO-3 every rank must run the same forwards.
+        z = torch.where(z == V, logits_at(z, torch.zeros(num_samples, device=z.device)).argmax(-1), z)
+        calls = steps + 1
+        calls_per_row += calls
+    else:
+        times = time_grid(steps, grid, device=z.device)
+        n_free = free.sum(-1).to(torch.float64)  # [N]
+        # masks left after each grid step, what the ancestral sampler leaves in expectation; none
+        # after the last ([N, steps + 1])
+        left = torch.round(n_free[:, None] * _masked_fraction(schedule, times)[None]).long()
+        left[:, -1] = 0
+        for i in range(steps):
+            masked = z == V  # [N, L]
+            if sampler == "threshold":
+                if not masked.any():  # a host sync; the call count depends on the data
+                    break
+                fraction = masked.sum(-1) / n_free.clamp(min=1)
+                t = _time_at_fraction(schedule, fraction.to(torch.float64)).to(dtype)
+            else:
+                t = torch.full((num_samples,), float(times[i]), device=z.device)
+            logits = logits_at(z, t)
+            probs = torch.softmax(logits / temperature if temperature > 0 else logits, -1)
+            u = uniforms()  # drawn at temperature 0 too: a row's stream is the same either way
+            candidate = (_draw(probs, u).clamp_(max=V - 1) if temperature > 0 else probs.argmax(-1))
+            score = _scores(probs, candidate, "confidence" if sampler == "threshold" else sampler)
+            score = torch.where(masked, score, -math.inf)
+            if sampler == "threshold":
+                best = torch.zeros_like(masked).scatter_(-1, score.argmax(-1, keepdim=True), True)
+                chosen = masked & ((score >= threshold) | best | (i == steps - 1))
+            else:
+                k = masked.sum(-1) - left[:, i + 1]  # [N]: how many to unmask now
+                order = score.argsort(-1, descending=True, stable=True)  # ties: leftmost first
+                rank = torch.empty_like(order).scatter_(
+                    -1, order, torch.arange(seq_len, device=z.device).expand(num_samples, -1))
+                chosen = masked & (rank < k[:, None])
+            calls_per_row += masked.any(-1)
+            calls += 1
+            z = torch.where(chosen, candidate, z)
+    if eos_id is not None:
+        eos = (z == eos_id) & free
+        after = (eos.cumsum(-1) - eos.long()) > 0  # strictly after the first generated EOS
+        z = torch.where(after & free, eos_id if pad_id is None else pad_id, z)
+    return Generated(z, calls, calls_per_row)
+
+
+def sample(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, seq_len: int,
+           steps: int, **options) -> torch.Tensor:
+    """`generate(...).tokens`: [num_samples, seq_len] int64; the same arguments."""
+    return generate(denoiser, schedule, num_samples, seq_len, steps, **options).tokens
