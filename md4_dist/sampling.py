@@ -294,7 +294,7 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
                 chosen = masked & ((score >= threshold) | best | (i == steps - 1))
             else:
                 k = masked.sum(-1) - left[:, i + 1]  # [N]: how many to unmask now
-                order = score.argsort(-1, descending=True, stable=True)  # ties: leftmost first
+                order = score.sort(dim=-1, descending=True, stable=True).indices  # ties: leftmost first
                 rank = torch.empty_like(order).scatter_(
                     -1, order, torch.arange(seq_len, device=z.device).expand(num_samples, -1))
                 chosen = masked & (rank < k[:, None])
