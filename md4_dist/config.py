@@ -1,11 +1,12 @@
 """The one config tree of a run, loaded strictly from JSON with dotted `--set` overrides.
 
     cfg = load_config("configs/tiny.json", overrides=["optim.lr=1e-4", "train.steps=100"])
-    save_config(cfg, "run/config.json")   # load_config of that file gives cfg back
+    save_config(cfg, "run/config.json")   # load_config of that file gives cfg back, less its secrets
 
 Each section that has a module lives next to it (ModelConfig in model.py, DiffusionConfig in
 diffusion/objectives.py, DataConfig in data/reader.py, StorageConfig in data/storage.py); the
-sections below are read by the trainer and the launcher.
+sections below are read by the trainer and the launcher. Fields made with `secret_field` (the
+storage keys) are never written down nor compared: `to_dict` leaves them out (strict_config.py).
 """
 
 from __future__ import annotations
@@ -246,5 +247,6 @@ def load_config(url: str, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, url: str) -> None:
-    """Write cfg as JSON to url (local or object storage, reached with cfg.storage)."""
+    """Write cfg without its secrets as JSON to url (local or object storage, reached with
+    cfg.storage, keys included)."""
     write_bytes(url, (json.dumps(to_dict(cfg), indent=2) + "\n").encode(), cfg.storage)

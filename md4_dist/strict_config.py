@@ -138,9 +138,54 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"config section '{prefix or '<root>'}': {e}") from None
 
 
+SECRET = "secret"  # the field metadata key that marks a field as a secret (see `secret_field`)
+
+
+def secret_field(default: str = "") -> Any:
+    """A dataclass field holding a secret (a storage key): loaded like any other field, but never
+    part of `to_dict` (so never written down, shown or compared) nor of the dataclass's repr."""
+    return dataclasses.field(default=default, repr=False, metadata={SECRET: True})
+
+
+def _public(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _public(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get(SECRET)}
+    if isinstance(obj, (list, tuple)):
+        return [_public(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _public(v) for k, v in obj.items()}
+    return obj
+
+
 def to_dict(obj: Any) -> dict:
-    """The dataclass tree as JSON-ready dicts (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(obj)))
+    """The dataclass tree as JSON-ready dicts (tuples become lists), without its secret fields:
+    all that may be written down (the run's config.json, checkpoints, Ray's records) and that
+    makes a run's identity. `secrets_of` gives the rest."""
+    return json.loads(json.dumps(_public(obj)))
+
+
+def secrets_of(obj: Any) -> dict:
+    """The secret fields of the dataclass tree, nested as in `to_dict` ({} when it has none):
+    `with_secrets(to_dict(obj), secrets_of(obj))` loads back to obj."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get(SECRET):
+            out[f.name] = value
+        elif dataclasses.is_dataclass(value):
+            inner = secrets_of(value)
+            if inner:
+                out[f.name] = inner
+    return out
+
+
+def with_secrets(data: dict, secrets: dict) -> dict:
+    """A copy of the JSON-like `data` with the nested `secrets` (from `secrets_of`) put back."""
+    out = json.loads(json.dumps(data))
+    for key, value in secrets.items():
+        out[key] = with_secrets(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def _section(tp: Any) -> Any:

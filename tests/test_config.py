@@ -75,6 +75,27 @@ def test_dump_and_load_round_trip(tmp_path):
     assert config_from_dict({}) == Config()
 
 
+def test_storage_keys_are_secrets_never_written_nor_shown(tmp_path):
+    """storage.key and storage.secret load like any key, but to_dict (config.json, checkpoints,
+    Ray's train_loop_config) and the repr leave them out; secrets_of gives them apart."""
+    from md4_dist.strict_config import secrets_of, with_secrets
+
+    cfg = config_from_dict({"storage": {"key": "AKIA-visible-nowhere", "endpoint_url": "http://s3"}},
+                           ["storage.secret=s3cr3t-visible-nowhere"])
+    assert (cfg.storage.key, cfg.storage.secret) == ("AKIA-visible-nowhere", "s3cr3t-visible-nowhere")
+    path = tmp_path / "config.json"
+    save_config(cfg, str(path))
+    for text in (path.read_text(), json.dumps(to_dict(cfg)), repr(cfg), str(cfg.storage)):
+        assert "visible-nowhere" not in text
+    assert json.loads(path.read_text())["storage"] == {"endpoint_url": "http://s3", "region": "", "anon": False}
+    assert load_config(str(path)).storage.key == ""
+    assert secrets_of(cfg) == {"storage": {"key": "AKIA-visible-nowhere", "secret": "s3cr3t-visible-nowhere"}}
+    assert config_from_dict(with_secrets(to_dict(cfg), secrets_of(cfg))) == cfg
+    # a rotated key: the same public config, so the same run
+    rotated = config_from_dict({}, ["storage.endpoint_url=http://s3", "storage.key=another"])
+    assert to_dict(rotated) == to_dict(cfg) and rotated != cfg
+
+
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="missing.json does not exist"):
         load_config(str(tmp_path / "missing.json"))

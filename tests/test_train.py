@@ -12,11 +12,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(*sets, timeout=900):
+def train(*sets, timeout=900, env_changes=None):
+    """The command as a user runs it; `env_changes` sets variables (None: removes them)."""
     cmd = [sys.executable, "-m", "md4_dist.train", os.path.join(ROOT, "configs", "tiny.json")]
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ)
+    for k, v in (env_changes or {}).items():
+        env.pop(k, None) if v is None else env.__setitem__(k, v)
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".build", "torch_extensions"))
     env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -107,9 +110,31 @@ def test_one_worker_follows_two_workers(tmp_path, tiny_data):
     assert one[-1]["nelbo_bits_per_token"] < one[0]["nelbo_bits_per_token"] - 0.05
 
 
+def holding(values: list[str], files) -> list[str]:
+    """'name: value' for each (name, bytes) of `files` that holds one of `values`."""
+    return [f"{name}: {v}" for name, data in files for v in values if v.encode() in data]
+
+
+def local_files(root: str):
+    """(path, bytes) of every regular file under root, links not followed (Ray's sockets left out)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    yield path, f.read()
+
+
 def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     """Data and run directory on S3 (a moto server on 127.0.0.1): config.json, metrics.jsonl and
-    TensorBoard's event files end up in the bucket; its checkpoint evaluates and exports from there."""
+    TensorBoard's event files end up in the bucket; its checkpoint evaluates and exports from there.
+    The keys come from the config's storage section only (none in the command's environment, so
+    none in the workers'): no file of the run nor of Ray's session holds them, and a rotated key
+    resumes the run."""
+    import shutil
+    import tempfile
+    import uuid
+
     import fsspec
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -118,11 +143,36 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     data, run_dir = f"{s3_bucket}/markov", f"{s3_bucket}/runs/tiny"
     assert synthetic.main(["--out", data, "--vocab-size", "64", "--seq-len", "64",
                            "--num-sequences", "1000", "--val-fraction", "0.05"]) == 0
-    r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10",
-              "logging.every=5", "eval.every=10")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    keys = [f"AKIA{uuid.uuid4().hex[:16].upper()}", f"secret-{uuid.uuid4().hex}"]  # moto takes any
+    # the embedded Ray instance's session directory, to look into (short: Ray's sockets live there)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    no_env_keys = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "RAY_TMPDIR": ray_tmp}
+    try:
+        r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10",
+                  "logging.every=5", "eval.every=10", f"storage.key={keys[0]}", f"storage.secret={keys[1]}",
+                  env_changes=no_env_keys)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        # the key rotated: the same run, resumed (finished: nothing left to do)
+        keys += [f"AKIA{uuid.uuid4().hex[:16].upper()}", f"secret-{uuid.uuid4().hex}"]
+        again = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10",
+                      "logging.every=5", "eval.every=10", f"storage.key={keys[2]}",
+                      f"storage.secret={keys[3]}", env_changes=no_env_keys)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"resuming the run in {run_dir}" in again.stdout
+        sessions = [p for p in os.listdir(os.path.join(ray_tmp, "ray")) if p.startswith("session_2")]
+        assert len(sessions) == 2, sessions  # one embedded instance per command
+        looked = list(local_files(ray_tmp))
+        assert len(looked) > 20  # logs of GCS, the raylet, the workers...
+        assert holding(keys, looked) == []
+        for out in (r, again):
+            assert not any(k in out.stdout + out.stderr for k in keys)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL_S3"]})
     root = run_dir.removeprefix("s3://")
+    run_files = [(p, fs.cat_file(p)) for p in fs.find(root)]
+    assert sum(p.endswith("/state.json") for p, _ in run_files) == 1  # the checkpoint's, looked into
+    assert holding(keys, run_files) == []
     assert json.loads(fs.cat(f"{root}/config.json"))["train"]["run_dir"] == run_dir
     assert fs.cat(f"{root}/run.lock") == b"", "the run's lock released at its end"
     got = records(fs.cat(f"{root}/metrics.jsonl").decode())
@@ -166,8 +216,10 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["sequences"] == 20 and res["step"] == 10 and res["data"] == f"{data}/manifest.json"
 
-    again = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "logging.peak_tflops=1")
-    assert again.returncode == 2 and "holds a run with another config" in again.stderr
+    other = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10", "logging.every=5",
+                  "eval.every=10", "logging.peak_tflops=1")
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "holds a run with another config (differing: logging.peak_tflops)" in other.stderr
 
 
 @pytest.mark.parametrize("sets,message", [

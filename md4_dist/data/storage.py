@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from md4_dist.strict_config import secret_field
+
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 6  # per socket read; botocore makes up to three tries: about 20 s in all
 S3FS_RETRIES = 1  # s3fs tries per call (its loops nest); botocore retries within each
@@ -29,9 +31,11 @@ class StorageConfig:
     endpoint_url: str = ""  # e.g. https://s3.us-east-1.amazonaws.com, or a MinIO / moto server
     region: str = ""
     # Prefer the AWS environment variables or instance roles for keys; these exist for endpoints
-    # (MinIO, tests) where a per-run key pair is the norm.
-    key: str = ""
-    secret: str = ""
+    # (MinIO, tests) where a per-run key pair is the norm. Secrets: never written into the run
+    # (its config.json, checkpoints, Ray's records) nor part of its identity, so a rotated key
+    # resumes the run; the workers get them from the driver (trainer/config_secrets.py).
+    key: str = secret_field()
+    secret: str = secret_field()
     anon: bool = False  # unsigned requests, for public buckets
 
 

@@ -22,13 +22,13 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
-from md4_dist.config import Config, config_from_dict
+from md4_dist.config import Config
 from md4_dist.data import ManifestError, TokenStream, load_manifest, make_loader
 from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
-from md4_dist.trainer import checkpoint, fatal, perf, samples
+from md4_dist.trainer import checkpoint, config_secrets, fatal, perf, samples
 from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.engine import build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
@@ -60,8 +60,9 @@ def micro_step(engine, batch: dict, noise: NoiseByPosition, device: torch.device
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train's worker function: `loop_config` holds the resolved config, the driver's stop
-    request and its record of uncurable errors (trainer/ray_job.py, trainer/fatal.py)."""
+    """Ray Train's worker function: `loop_config` holds the resolved config without its secrets,
+    the driver's holder of those, its stop request and its record of uncurable errors
+    (trainer/ray_job.py, trainer/config_secrets.py, trainer/fatal.py)."""
     import ray.train
 
     record = loop_config["fatal"]
@@ -76,7 +77,7 @@ class Trainer:
     """One worker's run: set up (or resumed) in the constructor, trained by `train`."""
 
     def __init__(self, loop_config: dict, rank: int, world: int, local_rank: int):
-        cfg = self.cfg = config_from_dict(loop_config["config"])
+        cfg = self.cfg = config_secrets.received(loop_config["config"], loop_config["secrets"])
         self.loop_config, self.rank, self.world = loop_config, rank, world
         self.device = torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu")
         if cfg.cluster.use_gpu:
@@ -255,6 +256,7 @@ class Trainer:
         cost = checkpoint.save(
             self.engine, step,
             state={"samples_seen": step * cfg.train.global_batch, "reader": self.state.reader,
+                   # the resolved config without its secrets (strict_config.to_dict)
                    "world_size": self.world, "config": self.loop_config["config"],
                    # what evaluate, sample and export need of the data: its tokenizer
                    "tokenizer": self.manifest.tokenizer, "eos_id": self.manifest.eos_id},

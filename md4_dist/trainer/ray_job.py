@@ -1,7 +1,9 @@
 """Where Ray enters: attach to a cluster or start the embedded one, and run the train loop on
 `cluster.num_workers` workers with Ray Train's TorchTrainer. Inside the workers, Ray Train's
 API is used in two more places: its context (trainer/loop.py) and its checkpoint reports
-(trainer/checkpoint.py); the driver's stop request is a Ray actor (trainer/stop.py)."""
+(trainer/checkpoint.py); the driver's stop request is a Ray actor (trainer/stop.py), and so are
+its record of uncurable errors (trainer/fatal.py) and the config's secrets
+(trainer/config_secrets.py), which are not written into anything Ray keeps."""
 
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ import os
 from md4_dist.config import Config, ConfigError
 from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
-from md4_dist.trainer import checkpoint, embedded_ray
+from md4_dist.trainer import checkpoint, config_secrets, embedded_ray
 from md4_dist.trainer.fatal import FatalRecord, raise_if_recorded
 from md4_dist.trainer.loop import train_loop
 from md4_dist.trainer.stop import StopRequest, on_sigterm
 
 # Passed to every worker when set: the compiled-op cache, the NVLink-multicast switches of NCCL,
-# PyTorch and NVSHMEM (some hosts must keep multicast off), and S3 settings.
+# PyTorch and NVSHMEM (some hosts must keep multicast off), and S3 settings. No credentials: Ray
+# records a runtime env (its dashboard, its agent's log); the config's keys go through
+# trainer/config_secrets.py.
 FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                  "NVSHMEM_DISABLE_NVLS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
                  "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
@@ -87,6 +91,9 @@ def _fit(cfg: Config, embedded: bool) -> int:
         storage_path, storage_fs = cfg.train.run_dir, None
     else:
         fs, storage_path = filesystem(cfg.train.run_dir, cfg.storage)
+        # Ray Train's controller gets it pickled, the storage keys in it (s3fs keeps them): as the
+        # controller actor's creation arguments, which the GCS holds in memory, written nowhere
+        # (its Train page shows the filesystem's type); a Redis-backed GCS would store them there.
         storage_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     # Ray Train's print patch also logs each line, which Ray then shows twice.
     env = {"DS_ACCELERATOR": "cuda" if cfg.cluster.use_gpu else "cpu", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
@@ -95,9 +102,11 @@ def _fit(cfg: Config, embedded: bool) -> int:
     on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     stop = StopRequest.options(scheduling_strategy=on_driver_node).remote()
     fatal = FatalRecord.options(scheduling_strategy=on_driver_node).remote()  # trainer/fatal.py
+    secrets = config_secrets.hand_over(cfg, on_driver_node)  # storage keys, never written down
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": to_dict(cfg), "stop": stop, "fatal": fatal},
+        # Ray Train shows this on its dashboard: the config without its secrets (to_dict)
+        train_loop_config={"config": to_dict(cfg), "secrets": secrets, "stop": stop, "fatal": fatal},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
                                  timeout_s=cfg.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
