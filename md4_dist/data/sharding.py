@@ -15,9 +15,10 @@ byte).
 The workers are spawned processes that import md4_dist.data.packing, the tokenizer libraries and
 the caller's __main__ module (spawn imports it again in each), so this module keeps its own
 imports light: the shard writer (webdataset, which imports torch) is imported only inside
-shard_corpus. With it at module level, each of 14 workers importing data_tools.shard paid for
-torch, together half a minute before the first document; now a worker starts in well under a
-second, and a --tokenizer of the wrong kind fails before torch is imported.
+shard_corpus, once the workers are starting, so the two overlap. With it at module level, each
+of 14 workers importing data_tools.shard paid for torch, together half a minute before the first
+document; now a worker starts in well under a second, and a --tokenizer of the wrong kind fails
+before torch is imported.
 """
 
 from __future__ import annotations
@@ -64,22 +65,19 @@ def _tasks(urls, text_field, val_fraction):
         yield docs, splits
 
 
-def _tokenized(urls, text_field, val_fraction, tokenizer: tuple[bytes, str], workers):
+def _tokenized(pool: ProcessPoolExecutor, workers: int, urls, text_field, val_fraction):
     """(splits, tokens, lengths, sizes) of each batch of documents, in input order."""
-    # A process pool that raises (BrokenProcessPool) if a worker dies, and a bounded window of
-    # tasks in flight, consumed in submission order so the output does not depend on timing.
-    ctx = mp.get_context("spawn")  # workers need only a tokenizer: no fork of a large parent
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
-                             initargs=tokenizer) as pool:
-        inflight = deque()
-        for docs, splits in _tasks(urls, text_field, val_fraction):
-            inflight.append((splits, pool.submit(worker_encode, docs)))
-            if len(inflight) >= 4 * workers:
-                splits, done = inflight.popleft()
-                yield splits, *done.result()
-        while inflight:
+    # A bounded window of tasks in flight, consumed in submission order so the output does not
+    # depend on timing.
+    inflight = deque()
+    for docs, splits in _tasks(urls, text_field, val_fraction):
+        inflight.append((splits, pool.submit(worker_encode, docs)))
+        if len(inflight) >= 4 * workers:
             splits, done = inflight.popleft()
             yield splits, *done.result()
+    while inflight:
+        splits, done = inflight.popleft()
+        yield splits, *done.result()
 
 
 def shard_corpus(inputs: list[str], tokenizer: str, out: str, *, seq_len: int,
@@ -93,23 +91,29 @@ def shard_corpus(inputs: list[str], tokenizer: str, out: str, *, seq_len: int,
     if tok.eos_id is None:
         raise ValueError(f"{tokenizer} has no EOS token, needed to separate documents")
     V = tok.vocab_size
-    from md4_dist.data.shard_writer import SplitWriter, prepare_output  # torch: see the docstring
-
     dtype = token_dtype(V)
     urls = expand(inputs)
-    prepare_output(out, overwrite)
 
-    packers = {name: Packer(SplitWriter(out, name, seq_len, dtype, sequences_per_shard),
-                            seq_len, tok.eos_id) for name in ("train", "val")}
-    counts = ShardCounts()
-    for splits, flat, lengths, sizes in _tokenized(urls, text_field, val_fraction, (data, tokenizer), workers):
-        for split, size, end, n in zip(splits, sizes, np.cumsum(lengths), lengths):
-            packers[split].add(flat[end - n:end], size)
-        counts.docs += len(lengths)
-        counts.tokens += int(lengths.sum())
-        counts.bytes += sum(sizes)
-        if progress is not None:
-            progress(counts)
+    # A process pool that raises (BrokenProcessPool) if a worker dies. Spawned, not forked: the
+    # workers need only the tokenizer, not a copy of a large parent.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
+                             initargs=(data, tokenizer)) as pool:
+        for _ in range(workers):  # each submit starts a worker: they start up while this imports
+            pool.submit(int)
+        from md4_dist.data.shard_writer import SplitWriter, prepare_output  # torch: see the docstring
+
+        prepare_output(out, overwrite)
+        packers = {name: Packer(SplitWriter(out, name, seq_len, dtype, sequences_per_shard),
+                                seq_len, tok.eos_id) for name in ("train", "val")}
+        counts = ShardCounts()
+        for splits, flat, lengths, sizes in _tokenized(pool, workers, urls, text_field, val_fraction):
+            for split, size, end, n in zip(splits, sizes, np.cumsum(lengths), lengths):
+                packers[split].add(flat[end - n:end], size)
+            counts.docs += len(lengths)
+            counts.tokens += int(lengths.sum())
+            counts.bytes += sum(sizes)
+            if progress is not None:
+                progress(counts)
     for p in packers.values():
         p.finish()
     if counts.docs == 0:
