@@ -5,10 +5,11 @@
 
 Attaches to a Ray cluster when run inside `ray job submit` or with RAY_ADDRESS set; otherwise
 starts a local Ray instance (the embedded default). Run again with the same run directory and
-config, it resumes from the latest checkpoint; while a run lives, another on its run directory
-is refused (trainer/run_lock.py). Everything that can be checked before a worker starts is
-checked here: the config, the global batch against every allowed world size, the dataset's
-manifest against the model.
+config, it resumes from the latest checkpoint (storage keys aside: secrets, written nowhere, so a
+rotated key resumes too; train.steps included: the LR schedule spans it); while a run lives,
+another on its run directory is refused (trainer/run_lock.py). Everything that can be checked
+before a worker starts is checked here: the config, the global batch against every allowed world
+size, the dataset's manifest against the model.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from md4_dist.config import Config, ConfigError, config_from_dict, load_config, 
 from md4_dist.data.manifest import ManifestError, load as load_manifest
 from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
-from md4_dist.strict_config import to_dict
-from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precision
+from md4_dist.strict_config import secrets_of, to_dict
+from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precision, why_steps_are_fixed
 from md4_dist.trainer.run_lock import RunLocked, take as take_run_lock
 
 
@@ -82,17 +83,33 @@ def prepare(cfg: Config) -> Config:
         now = json.loads(json.dumps(to_dict(cfg)))  # tuples as JSON lists, as saved
         # read through the config tree, so that keys added since the run began take their defaults
         try:
-            before = to_dict(config_from_dict(json.loads(read_bytes(saved, cfg.storage))))
+            was = config_from_dict(json.loads(read_bytes(saved, cfg.storage)))
         except ConfigError as e:
             raise ConfigError(f"{saved}: {e}") from None
+        # without its secrets (storage keys): a rotated key resumes the run
+        before = to_dict(was)
         # The cluster may change between attempts (the checkpoint is resharded); nothing else may.
         differ = [k for k in _differences(before, now) if not k.startswith("cluster.")]
+        if "train.steps" in differ:
+            old, new = before["train"]["steps"], now["train"]["steps"]
+            others = [k for k in differ if k != "train.steps"]
+            raise ConfigError(
+                f"config key 'train.steps': {cfg.train.run_dir} holds a run of train.steps = {old}, "
+                f"and this command asks for {new}; the run cannot be "
+                f"{'extended' if new > old else 'shortened'} in place: {why_steps_are_fixed(cfg)}. "
+                f"To train for {new} steps, start a new run in another train.run_dir; to resume "
+                f"this one, run it with train.steps = {old}"
+                + (f" (also differing: {', '.join(others[:8])})" if others else ""))
         if differ:
             raise ConfigError(f"config key 'train.run_dir': {cfg.train.run_dir} holds a run with "
                               f"another config (differing: {', '.join(differ[:8])}); run it again "
                               "with the same config to resume it, or choose another run directory")
         print(f"resuming the run in {cfg.train.run_dir}", flush=True)
-        if before.get("cluster") != now["cluster"]:
+        if secrets_of(was) != secrets_of(Config()):
+            print(f"rewriting {saved} without the storage keys that an earlier version wrote into "
+                  "it (its checkpoints' state.json files still hold them)", flush=True)
+            save_config(cfg, saved)
+        elif before.get("cluster") != now["cluster"]:
             save_config(cfg, saved)  # the resolved config of the attempt that runs now
     else:
         save_config(cfg, saved)

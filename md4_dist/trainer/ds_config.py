@@ -27,6 +27,16 @@ def check_gradient_precision(cfg: Config, world_size: int) -> None:
             "global_batch of micro_batch x workers")
 
 
+def why_steps_are_fixed(cfg: Config) -> str:
+    """Why a run's train.steps cannot change once it has begun: the schedule below spans it. (A
+    schedule whose steps taken do not depend on train.steps, warmup then constant or warmup-
+    stable-decay with the decay counted from the end, would let a run be extended; none is
+    offered yet.)"""
+    return (f"its learning rate follows DeepSpeed's WarmupCosineLR, whose cosine decay (after "
+            f"optim.warmup_steps = {cfg.optim.warmup_steps}) spans train.steps, so another "
+            "train.steps would have given the steps already taken another learning rate")
+
+
 def _merge(into: dict, extra: dict) -> None:
     """Merge `extra` into `into`, nested objects key by key (DeepSpeedConfig checked its keys)."""
     for key, value in extra.items():

@@ -1,0 +1,69 @@
+"""What the driver checks and writes before any worker starts (train.prepare), on a run directory
+that already holds a run: a rotated storage key resumes it, a changed train.steps is refused
+with what to do instead. No Ray, no workers."""
+
+import json
+import os
+
+import pytest
+
+from md4_dist.config import ConfigError, load_config
+from md4_dist.strict_config import secrets_of, to_dict, with_secrets
+from md4_dist.train import prepare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(run_dir, data, *sets):
+    return load_config(os.path.join(ROOT, "configs", "tiny.json"),
+                       [f"train.run_dir={run_dir}", f"data.manifest={data}", *sets])
+
+
+def prepare_paths(cfg):
+    """cfg with the absolute paths prepare resolves (as a saved config holds them)."""
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, manifest=os.path.abspath(cfg.data.manifest)),
+                   train=replace(cfg.train, run_dir=os.path.abspath(cfg.train.run_dir)))
+
+
+def test_a_rotated_storage_key_resumes_the_run(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    prepare(tiny(run, tiny_data, "storage.key=first-key-id", "storage.secret=first-secret"))
+    prepare(tiny(run, tiny_data, "storage.key=second-key-id", "storage.secret=second-secret"))
+    assert f"resuming the run in {run}" in capsys.readouterr().out
+    saved = (run / "config.json").read_text()
+    assert "first" not in saved and "second" not in saved
+    assert set(json.loads(saved)["storage"]) == {"endpoint_url", "region", "anon"}
+
+
+def test_keys_an_earlier_version_wrote_are_taken_out_of_config_json(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    cfg = tiny(run, tiny_data, "storage.key=old-key-id", "storage.secret=old-secret")
+    run.mkdir()
+    # what save_config wrote before the keys were secrets: every field
+    (run / "config.json").write_text(json.dumps(with_secrets(to_dict(prepare_paths(cfg)), secrets_of(cfg))))
+    prepare(cfg)
+    out = capsys.readouterr().out
+    assert f"resuming the run in {run}" in out and "without the storage keys" in out
+    assert "old-" not in (run / "config.json").read_text()
+
+
+@pytest.mark.parametrize("steps,sets,words", [
+    (400, [], "cannot be extended in place"),
+    (200, ["optim.lr=1e-3"], "cannot be shortened in place"),
+])
+def test_another_train_steps_is_refused_saying_why_and_what_to_do(tmp_path, tiny_data, steps, sets, words):
+    run = tmp_path / "run"
+    prepare(tiny(run, tiny_data))  # train.steps = 300, as tiny.json has it
+    before = (run / "config.json").read_text()
+    with pytest.raises(ConfigError) as e:
+        prepare(tiny(run, tiny_data, f"train.steps={steps}", *sets))
+    msg = str(e.value)
+    assert msg.startswith(f"config key 'train.steps': {run} holds a run of train.steps = 300, "
+                          f"and this command asks for {steps}; the run {words}")
+    assert "WarmupCosineLR" in msg and "optim.warmup_steps = 20" in msg
+    assert ("start a new run in another train.run_dir; to resume this one, run it with "
+            "train.steps = 300") in msg
+    assert msg.endswith(" (also differing: optim.lr)") == bool(sets)
+    assert (run / "config.json").read_text() == before
