@@ -197,6 +197,9 @@ def _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, tem
         raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if temperature != 1.0 and sampler in ("ancestral", "topp"):
+        raise ValueError(f"temperature ({temperature}) applies to the confidence, margin, entropy "
+                         f"and threshold samplers; sampler {sampler!r} draws from p_theta itself")
     if (given is None) != (fixed is None):
         raise ValueError("given and fixed come together: tokens and the mask of positions to keep")
     if generator is not None and seeds is not None:

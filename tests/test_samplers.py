@@ -197,6 +197,7 @@ def test_bad_input_raises_naming_the_value():
            (dict(sampler="threshold", threshold=1.5), r"threshold must lie in \(0, 1\], got 1.5"),
            (dict(temperature=-1.0), "temperature .* got -1.0"),
            (dict(temperature=math.nan), "temperature .* got nan"),
+           (dict(sampler="topp", temperature=0.5), r"temperature \(0.5\) applies to .* 'topp'"),
            (dict(seeds=[1, 2, 3]), "3 seeds for num_samples 2"),
            (dict(seeds=[1, 2], generator=torch.Generator()), "generator .* or seeds"),
            (dict(eos_id=V), f"eos_id must be a token id in \\[0, {V - 1}\\], got {V}"),
