@@ -24,16 +24,22 @@ Samplers (docs/math.md, "Sampling"):
   unmasks in expectation (for GenMD4's state-dependent schedule, with alpha averaged over tokens).
 - "threshold" (Fast-dLLM): every masked position whose candidate's probability reaches
   `threshold` is unmasked, and at least the most confident one per step, until none is masked;
-  `steps` caps the denoiser calls (the last allowed call unmasks all that remain).
+  `steps` caps the denoiser calls (the last allowed call unmasks all that remain). The number of
+  calls depends on the data (a host sync per step), so under ZeRO-3, where every forward gathers
+  on all ranks, every rank must draw the same rows (the trainer's samples use "ancestral").
 Unmasked positions never change, so given tokens are kept.
 
 Randomness: `generator` (one stream for the batch) or `seeds` (one stream per row, see
 `row_seeds`). A row's draws then depend only on its own seed; with `batch_invariant=True` the
 denoiser also runs row by row, since on the CPU small-batch GEMMs (the denoiser's time MLP) round
 differently for different batch sizes. Together they make a row drawn alone equal to the same row
-drawn in a batch of any size, exactly (CPU and GPU alike, on one machine and software stack).
-Without `batch_invariant` the draws are still per row but the logits may differ in the last bits
-(bf16 on a GPU: more), which can flip a draw now and then.
+drawn in a batch of any size, exactly: tested on the CPU (tests/test_samplers.py). On a GPU it
+holds by the same construction (the same kernels on the same [1, L] shapes, per-row Philox
+streams; the rest of a step reduces within a row), on one machine and software stack; the GPU
+test there checks float32 and bf16 when a GPU is present. Without `batch_invariant` the draws
+are still per row but the logits may differ in the last bits (cuBLAS and the CPU GEMMs pick
+kernels by batch size; in bf16 the differences are larger), which can flip a draw now and then.
+Row by row costs throughput on a GPU: one forward of one row per row and step.
 """
 
 from __future__ import annotations
