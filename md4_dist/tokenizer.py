@@ -13,6 +13,7 @@ refused. Text is turned into rows exactly as sharding does (md4_dist.data.packin
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Sequence
 
 import numpy as np
@@ -74,8 +75,10 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str], threads: int = 1) -> list[list[int]]:
         """threads = 1: this thread only (sharding's workers each take one core); else the
-        library's thread pool."""
-        if threads == 1:
+        library's thread pool. The batch call is about 1.5 times faster per core than a call per
+        text, but stays on one thread only where TOKENIZERS_PARALLELISM=false (which the library
+        reads at each call, and sharding's workers set)."""
+        if threads == 1 and os.environ.get("TOKENIZERS_PARALLELISM", "").lower() not in ("false", "0"):
             return [self._tok.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 

@@ -13,6 +13,7 @@ of torch.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Protocol
 
 import numpy as np
@@ -24,6 +25,8 @@ def init_worker(data: bytes, name: str) -> None:
     # imported here: md4_dist.tokenizer imports this module for pack_documents
     from md4_dist.tokenizer import parse_tokenizer
 
+    # one core per worker: a tokenizer.json's batch encoding then stays on this thread
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _TOK
     _TOK = parse_tokenizer(data, name)
 
