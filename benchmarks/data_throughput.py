@@ -1,6 +1,7 @@
 """Data pipeline throughput on this machine's CPU (a benchmark, not a test).
 
     .venv/bin/python benchmarks/data_throughput.py [--text-mb 30] [--sequences 20000] [--repeats 3]
+        [--skip-sharding] [--scale-sequences 32768] [--s3-scale-sequences 8192] [--per-shard 256]
 
 1. Sharding: `data_tools.shard --workers 1` end to end (reading JSONL, tokenizing in one worker
    process, packing, writing tar shards, process start-up included) against raw SentencePiece
@@ -9,8 +10,16 @@
    that figure is printed too.)
 2. Reader: `TokenStream` + DataLoader (2 workers, micro-batch 16, L = 1024, uint16 shards) over
    one epoch, tokens/s for one rank in steady state (timed from the first batch), from local disk and from a moto S3 server on 127.0.0.1;
-   also rank 0 of 4, which reads every shard but keeps a quarter (the read amplification).
-Each figure: median over --repeats runs, with min and max.
+   also rank 0 of 4, which fetches a quarter of the bytes.
+3. The reader at scale: rank 0 of W = 1, 8, 64, 512 simulated ranks (its stream computed and read
+   in this process: one worker), over one epoch of a corpus of L = 1024 uint16 sequences in small
+   shards (--per-shard), on local disk and on moto S3: bytes and requests it fetches, W times that
+   against the dataset's bytes (every rank's share is the same size), and its decode rate.
+4. Mixing at owt_small's shape (global batch 512, 8.8M sequences of 1024 in shards of 10000, as
+   data_tools.shard writes OpenWebText in input order, documents of about 1100 tokens packed back
+   to back): distinct shards and documents per global batch, for mix = 1 (one shard at a time, the
+   order before) and mix = 64 (the default). Computed from the order alone: no data is read.
+Each figure of 1 and 2: median over --repeats runs, with min and max.
 """
 
 from __future__ import annotations
@@ -115,21 +124,85 @@ def bench_reader(url, repeats, world=1):
     return spread(rates)
 
 
+def bench_scale(url, worlds=(1, 8, 64, 512)):
+    """{W: rank 0 of W's fetched bytes, requests, sequences, decode rate} over one epoch."""
+    from md4_dist.data import TokenStream, load_manifest
+
+    m = load_manifest(url)
+    dataset = sum(s.bytes for s in m.split("train").shards)
+    out = {"dataset_bytes": dataset, "sequences": m.split("train").sequences}
+    for W in worlds:
+        stream = TokenStream(m, "train", 16, world_size=W, loop=False)
+        t, n = time.perf_counter(), 0
+        for b in stream:
+            n += len(b["ids"])
+        dt = time.perf_counter() - t
+        out[W] = {"bytes": stream.fetched["bytes"], "requests": stream.fetched["requests"], "sequences": n,
+                  "all_ranks_over_dataset": W * stream.fetched["bytes"] / dataset, "sequences_s": n / dt}
+    return out
+
+
+def owt_small_mixing(batches=200, global_batch=512, per_shard=10000, sequences=8_800_000, L=1024):
+    """Distinct shards and documents per global batch at owt_small's shape, for mix = 1 and 64."""
+    from md4_dist.data import TokenStream
+    from md4_dist.data.manifest import Manifest, Shard, Split
+    from md4_dist.data.ranges import Layout
+
+    layout = Layout(L, "uint16")
+    sizes = [min(per_shard, sequences - i) for i in range(0, sequences, per_shard)]
+    split = Split(shards=[Shard(f"train-{i:06d}.tar", n, layout.shard_bytes(n)) for i, n in enumerate(sizes)],
+                  sequences=sequences, tokens=sequences * L)
+    m = Manifest(vocab_size=50257, seq_len=L, dtype="uint16", splits={"train": split})
+    rng = np.random.default_rng(0)  # documents in corpus order, ~1100 tokens, packed back to back
+    doc_ends = np.cumsum(np.maximum(1, rng.lognormal(np.log(700), 0.9, int(sequences * L / 900))).astype(np.int64) + 1)
+    picks = rng.choice(sequences // global_batch, batches, replace=False)
+    out = {}
+    for mix in (1, 64):
+        s = TokenStream(m, "train", global_batch, mix=mix)
+        shards, docs = [], []
+        for g in picks:
+            shard, record = s.locate_many(np.arange(g * global_batch, (g + 1) * global_batch, dtype=np.int64))
+            ids = s._starts[shard] + record
+            first = np.searchsorted(doc_ends, ids * L, side="right")  # the documents each sequence holds
+            last = np.searchsorted(doc_ends, (ids + 1) * L - 1, side="right")
+            shards.append(len(np.unique(shard)))
+            docs.append(len(set().union(*(range(a, b + 1) for a, b in zip(first, last)))))
+        out[mix] = {"shards": spread(shards), "documents": spread(docs)}
+    return out
+
+
+def print_scale(name, r):
+    print(f"reader at scale, {name}: {r['sequences']} sequences, {r['dataset_bytes'] / 1e6:.1f} MB of shards")
+    print("    W   rank 0 MB  requests  W x rank 0 / dataset  decode seq/s (1 worker)")
+    for W in (1, 8, 64, 512):
+        x = r[W]
+        print(f"  {W:3d}  {x['bytes'] / 1e6:9.3f}  {x['requests']:8d}  {x['all_ranks_over_dataset']:20.3f}  "
+              f"{x['sequences_s']:11.0f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text-mb", type=float, default=30)
     ap.add_argument("--sequences", type=int, default=20000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-sharding", action="store_true", help="leave out part 1 (the tokenizer)")
+    ap.add_argument("--scale-sequences", type=int, default=32768)
+    ap.add_argument("--s3-scale-sequences", type=int, default=8192)
+    ap.add_argument("--per-shard", type=int, default=256)
     args = ap.parse_args()
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as work:
-        results["sharding"] = bench_sharding(args, work)
+        if not args.skip_sharding:
+            results["sharding"] = bench_sharding(args, work)
         local = os.path.join(work, "tokens")
         write_dataset(local, args.sequences)
         results["reader_local_tokens_s"] = bench_reader(local, args.repeats)
         results["reader_local_rank0_of_4_tokens_s"] = bench_reader(local, args.repeats, world=4)
+        scale = os.path.join(work, "scale")
+        write_dataset(scale, args.scale_sequences, per_shard=args.per_shard)
+        results["scale_local"] = bench_scale(scale)
 
         import boto3
         from moto.server import ThreadedMotoServer
@@ -141,19 +214,31 @@ def main():
         boto3.client("s3").create_bucket(Bucket="bench")
         write_dataset("s3://bench/tokens", args.sequences)
         results["reader_moto_s3_tokens_s"] = bench_reader("s3://bench/tokens", args.repeats)
+        write_dataset("s3://bench/scale", args.s3_scale_sequences, per_shard=args.per_shard)
+        results["scale_moto_s3"] = bench_scale("s3://bench/scale")
         server.stop()
-    s = results["sharding"]
+    results["owt_small_mixing"] = owt_small_mixing()
     print(f"machine: {results['machine']}")
+    if "sharding" in results:
+        print_sharding(results["sharding"])
+    print(f"reader, local disk, 1 rank:          {fmt(results['reader_local_tokens_s'], 'M tokens/s', 1e6)}")
+    print(f"reader, local disk, rank 0 of 4:     {fmt(results['reader_local_rank0_of_4_tokens_s'], 'M tokens/s', 1e6)}")
+    print(f"reader, moto S3 on 127.0.0.1, 1 rank: {fmt(results['reader_moto_s3_tokens_s'], 'M tokens/s', 1e6)}")
+    print_scale("local disk", results["scale_local"])
+    print_scale("moto S3 on 127.0.0.1", results["scale_moto_s3"])
+    print("owt_small's shape, per global batch of 512 (200 batches): median (min, max)")
+    for mix, r in results["owt_small_mixing"].items():
+        print(f"  mix = {mix:2d}: shards {fmt(r['shards'], '')}, documents {fmt(r['documents'], '')}")
+    print(json.dumps(results, default=str))
+
+
+def print_sharding(s):
     print(f"raw SentencePiece encode, 1 thread:  {fmt(s['raw_sentencepiece_mb_s'], 'MB/s')}")
     print(f"raw SentencePiece encode, all cores: {fmt(s['raw_sentencepiece_all_cores_mb_s'], 'MB/s')}")
     print(f"data_tools.shard --workers 1:       {fmt(s['shard_1_worker_mb_s'], 'MB/s')}")
     print(f"  same, after start-up (tool's rate): {fmt(s['shard_1_worker_after_startup_mb_s'], 'MB/s')}")
     print(f"sharding / raw, end to end:          {fmt(s['ratio'], '')}")
     print(f"sharding / raw, after start-up:      {fmt(s['ratio_after_startup'], '')}")
-    print(f"reader, local disk, 1 rank:          {fmt(results['reader_local_tokens_s'], 'M tokens/s', 1e6)}")
-    print(f"reader, local disk, rank 0 of 4:     {fmt(results['reader_local_rank0_of_4_tokens_s'], 'M tokens/s', 1e6)}")
-    print(f"reader, moto S3 on 127.0.0.1, 1 rank: {fmt(results['reader_moto_s3_tokens_s'], 'M tokens/s', 1e6)}")
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":
