@@ -12,6 +12,7 @@ import psutil
 import pytest
 import torch
 
+from md4_dist.checkpoint_format import load_file
 from md4_dist.data import load_manifest
 from md4_dist.trainer.ledger import ledger_problems, read_ledger
 
@@ -155,8 +156,7 @@ def assert_master_weights(run_dir, step, precision):
     with open_checkpoint(str(run_dir)) as ckpt:
         assert ckpt.step == step
         master = ckpt.weights(ema=False)
-        module = torch.load(os.path.join(ckpt.url, "step", "mp_rank_00_model_states.pt"),
-                            weights_only=False)["module"]
+        module = load_file(os.path.join(ckpt.url, "step", "mp_rank_00_model_states.pt"))["module"]
     assert master.keys() == module.keys()
     for name, w in master.items():
         assert w.dtype == torch.float32 and torch.equal(w.to(module[name].dtype), module[name]), name

@@ -5,6 +5,7 @@ with its SentencePiece tokenizer."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from md4_dist.data.synthetic import MarkovChain
 from md4_dist.diffusion.forward import draw_noise
 from md4_dist.diffusion.objectives import masks_per_sequence
 from md4_dist.trainer.noise import EVAL, NoiseByPosition
+from crafted import write_crafted
 from test_train import ROOT, train
 
 # A small chain the tiny model learns well in a few hundred steps; the floor makes every
@@ -360,3 +362,25 @@ def test_skip_and_max_sequences_cut_disjoint_parts_of_the_seeded_order(tiny_data
     whole = rows(0, 100)
     assert len(whole) == 100 and torch.equal(torch.cat([rows(0, 37), rows(37, 63)]), whole)
     assert torch.equal(rows(95, 5), whole[95:])
+
+
+def test_a_checkpoint_file_crafted_to_run_code_is_refused_and_named(text_run, tmp_path, capsys):
+    """Checkpoint files are pickles: each command reads them weights only (tensors, plain data and
+    DeepSpeed's few classes), also where DeepSpeed's own code reads them (the trained weights'
+    ZeRO shards), so a file that would run code is refused, named, and runs nothing."""
+    run_dir, _ = text_run
+    [original] = (run_dir / "checkpoints").glob("checkpoint-*")
+    marker = tmp_path / "ran"
+    for name, weights in (("rank-00000.pt", []), ("step/zero_pp_rank_1_mp_rank_00_optim_states.pt", ["--no-ema"])):
+        crafted = tmp_path / f"crafted-{len(weights)}"
+        shutil.copytree(original, crafted)
+        write_crafted(crafted / name, marker)
+        r = run_cli("md4_dist.evaluate", "--checkpoint", str(crafted), "--max-sequences", "4", *weights)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert f"{name} is refused: it holds an object no md4_dist checkpoint holds" in r.stderr
+        assert "GLOBAL posix.system" in r.stderr
+        status, _, err = in_process(export.main, capsys, "--checkpoint", str(crafted), "--out",
+                                    str(tmp_path / "exported"), *weights)
+        assert status == 2 and f"{name} is refused" in err
+        assert not marker.exists(), "the crafted file ran its command"
+        assert not (tmp_path / "exported").exists()

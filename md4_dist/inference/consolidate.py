@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from md4_dist.checkpoint_format import (CHECKPOINTS, SNAPSHOT, STATE, TAG, CheckpointError, ema_shares,
-                                        to_universal, version_problem, whole_average)
+from md4_dist.checkpoint_format import (CHECKPOINTS, SNAPSHOT, STATE, TAG, CheckpointError, deepspeed_reading,
+                                        ema_shares, load_file, to_universal, version_problem, whole_average)
 from md4_dist.config import Config, config_from_dict
 from md4_dist.data.storage import StorageConfig, explain, filesystem, join, protocol, read_bytes
 from md4_dist.diffusion_model import DiffusionModel
@@ -104,12 +104,9 @@ class TrainedCheckpoint:
         return model.eval()
 
     def _load(self, name: str):
-        """torch.load of the checkpoint's file `name`; a damaged file is named."""
-        path = os.path.join(self.files(name), name)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - whatever the reader's error, the file is named
-            raise CheckpointError(f"{join(self.url, name)} cannot be read ({type(e).__name__}: {e})") from None
+        """The checkpoint's file `name`, weights only; one refused or damaged is named."""
+        return load_file(os.path.join(self.files(name), name), shown=join(self.url, name),
+                         deepspeed=name.startswith(f"{TAG}/"))  # DeepSpeed's files, under TAG
 
     def _trained(self, cfg: Config) -> dict[str, torch.Tensor]:
         """The optimizer's fp32 master weights. Where DeepSpeed keeps them depends on its
@@ -129,7 +126,8 @@ class TrainedCheckpoint:
             return self._via_universal(cfg, shards)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with redirect_stdout(sys.stderr):  # its progress lines: stdout is the CLIs' output
+        # its progress lines to stderr: stdout is the CLIs' output
+        with redirect_stdout(sys.stderr), deepspeed_reading(self.url, os.path.dirname(shards)):
             weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(shards), TAG)
         return {k: v.detach().float() for k, v in weights.items()}
 
@@ -148,14 +146,14 @@ class TrainedCheckpoint:
         """DeepSpeed's universal conversion: zero/<parameter>/fp32.pt, a file per parameter."""
         with tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
             try:
-                with redirect_stdout(sys.stderr):
+                with redirect_stdout(sys.stderr), deepspeed_reading(self.url, os.path.dirname(shards)):
                     to_universal(shards, os.path.join(u, TAG))
             except AssertionError as e:  # DeepSpeed's word for a checkpoint it cannot convert
                 raise CheckpointError(f"checkpoint {self.url}: DeepSpeed cannot convert its shards "
                                       f"({e})") from None
             zero = os.path.join(u, TAG, "zero")
-            return {name: torch.load(os.path.join(zero, name, "fp32.pt"), map_location="cpu",
-                                     weights_only=False)["param"].float() for name, _ in _parameters(cfg)}
+            return {name: load_file(os.path.join(zero, name, "fp32.pt"), shown=f"{self.url} (converted: "
+                                    f"zero/{name}/fp32.pt)")["param"].float() for name, _ in _parameters(cfg)}
 
     def _ema(self, cfg: Config) -> dict[str, torch.Tensor]:
         shares = ema_shares(self._load, self.state["world_size"])

@@ -19,8 +19,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from md4_dist.checkpoint_format import (CHECKPOINTS, FORMAT_VERSION, STATE, TAG, CheckpointError, dir_name,
-                                        rank_file, step_of_dir, to_universal, version_problem)
+from md4_dist.checkpoint_format import (CHECKPOINTS, FORMAT_VERSION, STATE, TAG, CheckpointError,
+                                        deepspeed_reading, dir_name, load_file, rank_file, step_of_dir,
+                                        to_universal, version_problem)
 
 
 def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: int,
@@ -144,10 +145,10 @@ def _inspect(checkpoint, rank: int, world: int) -> tuple[dict | None, str | None
         if any(rank_file(r) not in files for r in range(expected)):
             return None, f"it should hold rank-*.pt for {expected} ranks"
         for name in files[rank::world]:  # each rank reads its share: together, every file once
-            try:
-                torch.load(os.path.join(d, name), map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001 - a damaged file, whatever the reader's error
-                return None, f"{name} is damaged ({type(e).__name__}: {e})"
+            try:  # weights only: a file crafted to run code is refused, and named
+                load_file(os.path.join(d, name), shown=name)
+            except CheckpointError as e:
+                return None, str(e)
     return state, None
 
 
@@ -169,15 +170,18 @@ def load(engine, checkpoint, state: dict, rank: int, world: int) -> list[dict]:
     resized = state["world_size"] != world
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="md4-universal-") as u:
         load_dir = d
-        if converts(state, world, engine.zero_optimization_stage()):
-            began = time.perf_counter()
-            to_universal(os.path.join(d, TAG), os.path.join(u, TAG))
-            print(f"rank {rank}: converted to a universal checkpoint in "
-                  f"{time.perf_counter() - began:.1f} s", flush=True)
-            load_dir = u
-        path, _ = engine.load_checkpoint(load_dir, tag=TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        # DeepSpeed's own reads (it passes weights_only=False) go through the same allow-list
+        with deepspeed_reading(checkpoint.path, d):
+            if converts(state, world, engine.zero_optimization_stage()):
+                began = time.perf_counter()
+                to_universal(os.path.join(d, TAG), os.path.join(u, TAG))
+                print(f"rank {rank}: converted to a universal checkpoint in "
+                      f"{time.perf_counter() - began:.1f} s", flush=True)
+                load_dir = u
+            path, _ = engine.load_checkpoint(load_dir, tag=TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"checkpoint {checkpoint.path}: DeepSpeed found no checkpoint in it")
         ranks = range(state["world_size"]) if resized else [rank]
-        return [torch.load(os.path.join(d, rank_file(r)), weights_only=False) for r in ranks]
+        return [load_file(os.path.join(d, rank_file(r)), shown=f"{checkpoint.path}/{rank_file(r)}")
+                for r in ranks]
