@@ -8,6 +8,8 @@ alone, so the two sides cannot drift apart.
                                        data's tokenizer record and EOS id (rank 0)
         rank-00000.pt ...              rank_file(r): each rank's EMA share, metric sums, RNG states
         step/                          TAG, DeepSpeed's own: ZeRO shards, model states, LR schedule
+        damaged.txt                    DAMAGED: only in one a resume found it cannot load and set
+                                       aside; it says why. Nothing loads it again
 
 A change that older code cannot read goes with a new FORMAT_VERSION, which state.json records;
 both sides refuse a version they do not know (`version_problem`).
@@ -30,6 +32,7 @@ FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"  # the run directory's folder Ray Train keeps them in
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 STATE = "state.json"
+DAMAGED = "damaged.txt"  # the note in a checkpoint set aside as damaged (trainer/checkpoint.py)
 TAG = "step"  # DeepSpeed's subdirectory; the checkpoint's own directory name carries the step
 
 

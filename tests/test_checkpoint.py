@@ -12,7 +12,8 @@ import psutil
 import pytest
 import torch
 
-from md4_dist.checkpoint_format import load_file
+from crafted import write_crafted
+from md4_dist.checkpoint_format import load_file, step_of_dir
 from md4_dist.data import load_manifest
 from md4_dist.trainer.ledger import ledger_problems, read_ledger
 
@@ -128,6 +129,26 @@ def test_stopped_run_resumes_exactly_and_at_another_world_size(tmp_path, tiny_da
     assert "resuming the run in" in out and resumed_at(out) == before
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged" in out
     assert f"resuming from {latest.parent}/checkpoint-{before:08d}" in out
+    assert records(same) == want
+
+    # The finished run's last checkpoint damaged in both ranks' shares of the check: a file made
+    # to run code (read by rank 0) and a truncated one (rank 1). The same command resumes from
+    # the one before, sets the damaged one aside and registers the good one again, so that with
+    # tiny.json's checkpoint.keep = 2 the kept pair is {80, the new 100}: the damaged one never
+    # takes the good one's place (Ray drops checkpoints oldest registered first).
+    [last] = (same / "checkpoints").glob("checkpoint-00000100-*")
+    marker = tmp_path / "ran"
+    write_crafted(last / "rank-00000.pt", marker)
+    truncated = last / "rank-00001.pt"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    out = run(command(same, tiny_data, *LONG))
+    assert resumed_at(out) == 80 and not marker.exists(), "the crafted file ran its command"
+    assert "rank-00000.pt is refused: it holds an object no md4_dist checkpoint holds" in out
+    assert "rank-00001.pt is damaged" in out and f"set aside {last.name}" in out
+    kept = sorted((same / "checkpoints").glob("checkpoint-*"))
+    assert [step_of_dir(p.name) for p in kept] == [80, 100] and last not in kept
+    snapshot = json.loads((same / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+    assert sorted(r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]) == [p.name for p in kept]
     assert records(same) == want
 
     resized = tmp_path / "resized"

@@ -384,3 +384,16 @@ def test_a_checkpoint_file_crafted_to_run_code_is_refused_and_named(text_run, tm
         assert status == 2 and f"{name} is refused" in err
         assert not marker.exists(), "the crafted file ran its command"
         assert not (tmp_path / "exported").exists()
+
+
+def test_a_checkpoint_set_aside_as_damaged_is_refused_with_why(tmp_path, capsys):
+    """A resume that cannot load a checkpoint sets it aside with a note saying why
+    (trainer/checkpoint.py; tests/test_checkpoint.py makes one): the commands refuse it by name."""
+    aside = tmp_path / "checkpoint-00000100-1"
+    aside.mkdir()
+    (aside / "state.json").write_text("{}")
+    (aside / "damaged.txt").write_text("checkpoint-00000100-1 cannot be loaded: rank-00001.pt is damaged "
+                                       "(EOFError)\nThe run resumed from checkpoint-00000080-1 instead.\n")
+    status, _, err = in_process(evaluate.main, capsys, "--checkpoint", str(aside))
+    assert status == 2 and f"checkpoint {aside} was set aside as damaged" in err
+    assert "rank-00001.pt is damaged (EOFError)" in err

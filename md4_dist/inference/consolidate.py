@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from md4_dist.checkpoint_format import (CHECKPOINTS, SNAPSHOT, STATE, TAG, CheckpointError, deepspeed_reading,
-                                        ema_shares, load_file, to_universal, version_problem, whole_average)
+from md4_dist.checkpoint_format import (CHECKPOINTS, DAMAGED, SNAPSHOT, STATE, TAG, CheckpointError,
+                                        deepspeed_reading, ema_shares, load_file, to_universal, version_problem,
+                                        whole_average)
 from md4_dist.config import Config, config_from_dict
 from md4_dist.data.storage import StorageConfig, explain, filesystem, join, protocol, read_bytes
 from md4_dist.diffusion_model import DiffusionModel
@@ -172,6 +173,10 @@ def _parameters(cfg: Config) -> list[tuple[str, torch.nn.Parameter]]:
 def open_checkpoint(url: str, storage: StorageConfig | None = None):
     """The checkpoint at `url` (see the module docstring), copied locally if it is remote."""
     url, raw = _checkpoint_dir(url.rstrip("/"), storage)
+    note = read_bytes(join(url, DAMAGED), storage, missing_ok=True)  # trainer/checkpoint.py's
+    if note is not None:
+        raise CheckpointError(f"checkpoint {url} was set aside as damaged when its run resumed: "
+                              f"{note.decode(errors='replace').strip()}")
     try:
         state = json.loads(raw)
     except json.JSONDecodeError as e:

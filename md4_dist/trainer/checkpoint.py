@@ -7,6 +7,12 @@ Each attempt (a start or restart of the worker group) writes under names of its 
 an attempt that died mid-save never mix into a later checkpoint of the same step; `discard_after`
 removes them. What a checkpoint holds, and its names, are md4_dist/checkpoint_format.py's: the
 use side reads the same format without this module.
+
+A registered checkpoint that cannot be loaded (a truncated shard, a refused file) is passed over
+for the newest one before it that can (`choose`), and set aside so that it never takes a good
+one's place: Ray keeps the last `checkpoint.keep` it registered, damaged or not, so the good one
+is registered again (a copy under a new name) and the damaged one, marked with a note, goes
+first when Ray drops checkpoints (`_set_aside`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from md4_dist.checkpoint_format import (CHECKPOINTS, FORMAT_VERSION, STATE, TAG, CheckpointError,
+from md4_dist.checkpoint_format import (CHECKPOINTS, DAMAGED, FORMAT_VERSION, STATE, TAG, CheckpointError,
                                         deepspeed_reading, dir_name, load_file, rank_file, step_of_dir,
                                         to_universal, version_problem)
 
@@ -57,17 +63,23 @@ def save(engine, step: int, state: dict, rank_state: dict, metrics: dict, rank: 
 def discard_after(run_dir: str, storage, step: int) -> list[str]:
     """Delete checkpoint directories past `step`, that of the latest registered checkpoint (0:
     none). Ray would resume from any of them had it been registered: they are what attempts that
-    died while writing left behind. Returns their names."""
+    died while writing left behind. Returns their names. Those set aside as damaged stay: Ray
+    still lists them, and deletes them itself when it drops them (`_set_aside`)."""
     from md4_dist.data.storage import explain, filesystem, join, list_dir
 
     root = join(run_dir, CHECKPOINTS)
-    stale = [n for n in list_dir(root, storage) if n.startswith("checkpoint-") and step_of_dir(n) > step]
-    for name in stale:
+    stale = []
+    for name in list_dir(root, storage):
+        if not name.startswith("checkpoint-") or step_of_dir(name) <= step:
+            continue
         try:
             fs, path = filesystem(join(root, name), storage)
+            if fs.exists(f"{path}/{DAMAGED}"):
+                continue
             fs.rm(path, recursive=True)
         except Exception as e:  # noqa: BLE001 - re-raised with the URL named
             raise explain(join(root, name), e) from e
+        stale.append(name)
     return stale
 
 
@@ -87,26 +99,80 @@ def choose(newest, rank: int, world: int, device: torch.device) -> tuple[object,
     """(the checkpoint to resume from, its state.json), or None when the run has none yet. Read
     before DeepSpeed starts: a checkpoint of another world size changes its config.
 
-    `newest`, unless a file of it cannot be read (a truncated shard, a disk fault): then the one
-    before, with a warning naming what was wrong. Every rank reads its share of the files and all
-    agree, so no rank starts loading what another found broken."""
+    `newest`, unless a file of it cannot be read (a truncated shard, a disk fault, a file that
+    would run code): then the one before, with a warning naming what was wrong, and the ones
+    passed over are set aside (`_set_aside`; the checkpoint returned is then the good one's
+    copy). Every rank reads its share of the files and all agree, so no rank starts loading what
+    another found broken, and all set aside the same ones."""
     if newest is None:
         return None
-    skipped = []
+    skipped, problems = [], {}
     for checkpoint in _newest_first(newest):
         state, problem = _inspect(checkpoint, rank, world)
         if problem is not None:  # said by the rank that found it
             print(f"warning: checkpoint {checkpoint.path} cannot be loaded: {problem}", flush=True)
+            problems[_name(checkpoint)] = problem
         bad = torch.tensor([0 if problem is None else 1], device=device)  # NCCL: on the GPU
         dist.all_reduce(bad)
         if not bad.item():
-            if skipped and rank == 0:
-                print(f"warning: resuming from {checkpoint.path} instead of the newer "
-                      f"{', '.join(skipped)}", flush=True)
+            if skipped:
+                if rank == 0:
+                    print(f"warning: resuming from {checkpoint.path} instead of the newer "
+                          f"{', '.join(_name(c) for c in skipped)}", flush=True)
+                checkpoint = _set_aside(skipped, problems, checkpoint, rank, device)
             return checkpoint, state
-        skipped.append(_name(checkpoint))
-    raise CheckpointError(f"no checkpoint of this run can be loaded (tried {', '.join(skipped)}; "
-                          "the warnings above say why)")
+        skipped.append(checkpoint)
+    raise CheckpointError(f"no checkpoint of this run can be loaded (tried "
+                          f"{', '.join(_name(c) for c in skipped)}; the warnings above say why)")
+
+
+def _set_aside(damaged: list, problems: dict[str, str], good, rank: int, device: torch.device):
+    """Keep the damaged checkpoints from taking the good one's place; returns the good one's copy
+    to resume from. Every rank calls this with the same checkpoints.
+
+    Ray keeps the last `checkpoint.keep` checkpoints it registered, damaged or not, and deletes
+    the oldest first: left so, the next checkpoint would push `good` out and keep the damaged
+    one. So rank 0 marks each damaged one with a note (DAMAGED: this module and the use side
+    pass it by, and `discard_after` leaves it for Ray, which still lists it) and copies `good`
+    under a name of its own, which every rank then reports to Ray (a barrier). Registered after
+    the damaged ones, the copy outlives them: Ray drops the original (which nothing reads from
+    then on) and the damaged ones before it, and hands the copy to a restarted group."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    stamp = torch.tensor([time.time_ns()], device=device)  # rank 0's: one name for all ranks
+    dist.broadcast(stamp, 0)
+    parent = os.path.dirname(good.path.rstrip("/"))
+    copy = ray.train.Checkpoint(path=f"{parent}/{dir_name(step_of(good), int(stamp.item()))}",
+                                filesystem=good.filesystem)
+    if rank == 0:
+        fs = good.filesystem
+        for checkpoint in damaged:
+            why = problems.get(_name(checkpoint), "a file another rank read (the run's log names it)")
+            with fs.open_output_stream(f"{checkpoint.path}/{DAMAGED}") as f:
+                f.write(f"{_name(checkpoint)} cannot be loaded: {why}\nThe run resumed from {_name(good)} "
+                        f"instead, registered again as {_name(copy)}. Ray Train deletes this directory "
+                        "when it drops it from the checkpoints it keeps.\n".encode())
+        _copy(fs, good.path, copy.path)
+        print(f"set aside {', '.join(_name(c) for c in damaged)} (each holds {DAMAGED}); "
+              f"{_name(good)} registered again as {_name(copy)}", flush=True)
+    ray.train.report({"step": step_of(good)}, checkpoint=copy if rank == 0 else None,
+                     checkpoint_dir_name=_name(copy), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    return copy
+
+
+def _copy(fs, src: str, dst: str) -> None:
+    """Copy the checkpoint directory `src` to `dst` on the pyarrow filesystem `fs` (on object
+    storage, copies within the store); state.json last, so that a copy cut short reads as
+    damaged, never as whole."""
+    import pyarrow.fs
+
+    files = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(src, recursive=True))
+             if i.type == pyarrow.fs.FileType.File]
+    for path in sorted(files, key=lambda p: os.path.basename(p) == STATE):
+        target = f"{dst}/{os.path.relpath(path, src)}"
+        fs.create_dir(os.path.dirname(target))
+        fs.copy_file(path, target)
 
 
 def _newest_first(newest) -> list:
@@ -118,9 +184,16 @@ def _newest_first(newest) -> list:
     infos = newest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
     older = sorted((i for i in infos if i.type == pyarrow.fs.FileType.Directory
                     and i.base_name.startswith("checkpoint-") and step_of_dir(i.base_name) < step_of(newest)),
-                   key=lambda i: -step_of_dir(i.base_name))
-    older = [i.path for i in older]
+                   key=lambda i: (-step_of_dir(i.base_name), i.base_name))
+    older = [i.path for i in older if not _marked(newest.filesystem, i.path)]
     return [newest] + [ray.train.Checkpoint(path=p, filesystem=newest.filesystem) for p in older]
+
+
+def _marked(fs, path: str) -> bool:
+    """Whether the checkpoint directory `path` was set aside as damaged."""
+    import pyarrow.fs
+
+    return fs.get_file_info(f"{path}/{DAMAGED}").type != pyarrow.fs.FileType.NotFound
 
 
 def _name(checkpoint) -> str:
@@ -131,6 +204,9 @@ def _inspect(checkpoint, rank: int, world: int) -> tuple[dict | None, str | None
     """(state.json, None) when this rank's share of the checkpoint's files reads back whole,
     else (None, what is wrong)."""
     with checkpoint.as_directory() as d:
+        if os.path.exists(os.path.join(d, DAMAGED)):
+            with open(os.path.join(d, DAMAGED)) as f:
+                return None, f"it was set aside: {f.readline().strip()}"
         try:
             with open(os.path.join(d, STATE)) as f:
                 state = json.load(f)
