@@ -240,7 +240,7 @@ def text_run(tmp_path_factory):
     run_dir = d / "run"
     r = train(f"train.run_dir={run_dir}", f"data.manifest={d / 'data'}", "model.vocab_size=320",
               "train.steps=30", "checkpoint.every=30", "eval.every=30", "logging.every=10",
-              "logging.sample_every=30", "logging.samples=2", "logging.sample_steps=16")
+              "logging.sample_every=30", "logging.samples=6", "logging.sample_steps=16")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run_dir, d
 
@@ -288,7 +288,9 @@ def test_samples_are_decoded_and_keep_the_prefix(text_run, tmp_path, capsys):
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
     text = acc.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert text.count("**sample ") == 2 and any(w in text.split() for w in WORDS), "decoded words"
+    # A 30-step model: about 5 in 6 of its samples hold a whole common word (measured over 80);
+    # six samples make missing them all a 1-in-40000 event rather than the sampler's seed's luck.
+    assert text.count("**sample ") == 6 and any(w in text.split() for w in WORDS), "decoded words"
 
     exported = tmp_path / "exported"
     status, _, err = in_process(export.main, capsys, "--checkpoint", str(run_dir), "--out", str(exported))
