@@ -17,28 +17,45 @@ import argparse
 import json
 import sys
 
-import torch
 from tqdm import tqdm
 
 from md4_dist import cli
 from md4_dist.inference.consolidate import open_checkpoint
 from md4_dist.data.storage import exists, write_bytes
-from md4_dist.sampling import sample
+from md4_dist.sampling import SAMPLERS, generate, prefix_condition, row_seeds
 from md4_dist.tokenizer import decode, load_tokenizer
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m md4_dist.sample", description=__doc__.split("\n\n")[0])
     cli.add_checkpoint_args(ap)
-    ap.add_argument("--num-samples", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=256, help="denoising steps from all-masked to clean")
-    ap.add_argument("--sampler", choices=("ancestral", "topp"), default="ancestral")
-    ap.add_argument("--top-p", type=float, default=0.9, help="with --sampler topp: the mass kept")
+    ap.add_argument("--num-samples", type=int, default=4, help="how many samples (default: 4)")
+    ap.add_argument("--steps", type=int, default=256,
+                    help="denoising steps from all-masked to clean; with --sampler threshold, the most "
+                         "model calls (default: 256)")
+    ap.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
+                    help="ancestral, topp: MD4's; confidence, margin, entropy: unmask the positions the "
+                         "model is surest of, as many per step as the schedule unmasks (LLaDA, Dream); "
+                         "threshold: every position surer than --threshold, at least one per step "
+                         "(Fast-dLLM) (default: ancestral)")
+    ap.add_argument("--top-p", type=float, default=0.9, help="with --sampler topp: the mass kept (default: 0.9)")
+    ap.add_argument("--threshold", type=float, default=0.9,
+                    help="with --sampler threshold: the confidence in (0, 1] that unmasks a position "
+                         "(default: 0.9)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="confidence, margin, entropy, threshold: the candidates' temperature; 0 takes "
+                         "the most likely token (default: 1)")
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="end each sample at its first generated EOS; the rest is EOS")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="run the model one sample at a time, so that a sample does not depend on "
+                         "--batch-size (slower)")
     ap.add_argument("--grid", choices=("cosine", "uniform"), default="cosine", help="the times of the steps")
     ap.add_argument("--prefix", default=None, help="text every sample starts with")
     ap.add_argument("--seq-len", type=int, default=0, help="tokens per sample; 0: the training length")
-    ap.add_argument("--batch-size", type=int, default=8, help="samples drawn together")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8, help="samples drawn together (default: 8)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="sample i's randomness comes from (seed, i) alone (default: 0)")
     ap.add_argument("--out", default=None, help="a file (local or object storage); .jsonl: JSON lines")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = ap.parse_args(argv)
@@ -46,6 +63,10 @@ def main(argv=None) -> int:
         ap.error("--num-samples, --steps and --batch-size must be >= 1, --seq-len >= 0")
     if not 0 < args.top_p <= 1:
         ap.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if not 0 < args.threshold <= 1:
+        ap.error(f"--threshold must lie in (0, 1], got {args.threshold}")
+    if args.temperature < 0:
+        ap.error(f"--temperature must be >= 0, got {args.temperature}")
     dev = cli.device(args.device)
     if args.out is not None and not args.overwrite and exists(args.out):
         raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
@@ -57,29 +78,33 @@ def main(argv=None) -> int:
     tokenizer = None
     if ckpt.tokenizer is not None or args.prefix is not None:
         tokenizer = load_tokenizer(ckpt.tokenizer, args.tokenizer, cfg.storage)  # names what is wrong
+    eos_id = ckpt.state["eos_id"]
+    if args.stop_at_eos and eos_id is None:
+        ap.error(f"--stop-at-eos: the corpus of {args.checkpoint} has no EOS id")
     given = fixed = None
     if args.prefix is not None:
         ids = tokenizer.encode(args.prefix)
         if not 0 < len(ids) < L:
             raise ValueError(f"--prefix is {len(ids)} tokens; it must be 1 to {L - 1} (--seq-len {L})")
-        given = torch.zeros((args.batch_size, L), dtype=torch.int64)
-        given[:, :len(ids)] = torch.tensor(ids)
-        fixed = torch.zeros((args.batch_size, L), dtype=torch.bool)
-        fixed[:, :len(ids)] = True
+        given, fixed = prefix_condition(ids, args.batch_size, L)
 
-    generator = torch.Generator(device=dev).manual_seed(args.seed)
-    samples = []
+    samples, calls = [], 0
     with tqdm(total=args.num_samples, unit="sample", desc="sample", file=sys.stderr) as bar:
         while len(samples) < args.num_samples:
             n = min(args.batch_size, args.num_samples - len(samples))
-            tokens = sample(model.denoiser, model.schedule, n, L, args.steps, sampler=args.sampler,
-                            top_p=args.top_p, grid=args.grid, device=dev, generator=generator,
-                            given=None if given is None else given[:n],
-                            fixed=None if fixed is None else fixed[:n])
-            samples += tokens.cpu().tolist()
+            out = generate(model.denoiser, model.schedule, n, L, args.steps, sampler=args.sampler,
+                           top_p=args.top_p, threshold=args.threshold, temperature=args.temperature,
+                           grid=args.grid, device=dev, seeds=row_seeds(args.seed, len(samples), n),
+                           batch_invariant=args.batch_invariant,
+                           eos_id=eos_id if args.stop_at_eos else None,
+                           given=None if given is None else given[:n].to(dev),
+                           fixed=None if fixed is None else fixed[:n].to(dev))
+            samples += out.tokens.cpu().tolist()
+            calls += out.denoiser_calls
             bar.update(n)
+    print(f"{calls} model calls for {len(samples)} samples ({args.sampler})", file=sys.stderr)
 
-    texts = [decode(s, tokenizer, ckpt.state["eos_id"]) for s in samples]
+    texts = [decode(s, tokenizer, eos_id) for s in samples]
     if args.out is not None and args.out.endswith(".jsonl"):
         body = "".join(json.dumps({"sample": i, "tokens": s, "text": t}) + "\n"
                        for i, (s, t) in enumerate(zip(samples, texts)))

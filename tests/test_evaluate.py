@@ -270,6 +270,38 @@ def test_text_evaluation_gives_bits_per_byte(text_run, capsys):
     assert res["bits_per_byte"] == pytest.approx(res["nelbo_bits_per_token"] * split.tokens / split.source_bytes)
 
 
+def test_every_sampler_of_the_command_keeps_the_prefix_and_batch_size_changes_nothing(text_run, tmp_path, capsys):
+    """`sample --sampler X`: the prefix kept, --stop-at-eos pads after the first generated EOS,
+    and with --batch-invariant a sample is the same drawn 3 at a time or one by one."""
+    run_dir, d = text_run
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tok.model"))
+    prefix = sp.encode("the history of")
+
+    def draw(name, *extra):
+        out = tmp_path / f"{name}.jsonl"
+        status, _, err = in_process(sample.main, capsys, "--checkpoint", str(run_dir), "--num-samples", "3",
+                                    "--steps", "8", "--prefix", "the history of", "--seed", "5",
+                                    "--out", str(out), *extra)
+        assert status == 0, err
+        return [json.loads(line)["tokens"] for line in out.read_text().splitlines()], err
+
+    for sampler in ("confidence", "margin", "entropy", "threshold"):
+        rows, err = draw(sampler, "--sampler", sampler, "--stop-at-eos")
+        assert len(rows) == 3 and f"({sampler})" in err
+        for row in rows:
+            assert row[:len(prefix)] == prefix and len(row) == 64
+            if sp.eos_id() in row[len(prefix):]:
+                first = row.index(sp.eos_id(), len(prefix))
+                assert set(row[first:]) == {sp.eos_id()}, "padded with EOS after the first one"
+    together, _ = draw("together", "--sampler", "margin", "--batch-size", "3", "--batch-invariant")
+    alone, _ = draw("alone", "--sampler", "margin", "--batch-size", "1", "--batch-invariant")
+    assert together == alone
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        in_process(sample.main, capsys, "--checkpoint", str(run_dir), "--sampler", "threshold",
+                   "--threshold", "1.5")
+    assert exit_.value.code == 2 and "--threshold must lie in (0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_samples_are_decoded_and_keep_the_prefix(text_run, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
