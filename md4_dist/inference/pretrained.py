@@ -11,7 +11,8 @@ one directory, and `load_pretrained` to get it back on any device.
       config.json        {"format_version", "model", "diffusion", "seq_len", "eos_id",
                           "tokenizer": {"file", "sha256"} | null, "source": {"checkpoint",
                           "step", "weights": "ema" | "trained"}}; written last
-      tokenizer.model    the SentencePiece model, when the training data had one
+      tokenizer.model | tokenizer.json   the training data's tokenizer (SentencePiece, or a
+                         Hugging Face tokenizer.json), when it had one
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from md4_dist.diffusion_model import DiffusionModel
 from md4_dist.inference.consolidate import TrainedCheckpoint, remove
 from md4_dist.model import Denoiser, ModelConfig
 from md4_dist.strict_config import ConfigError, from_dict, to_dict
-from md4_dist.tokenizer import load_tokenizer, read_tokenizer
+from md4_dist.tokenizer import FILE_NAMES, load_tokenizer, parse_tokenizer, read_tokenizer
 
 EXPORT_FORMAT_VERSION = 1  # config.json's; a format of its own, apart from a training checkpoint's
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the tokenizer's file: FILE_NAMES[its kind]
 OUTPUT_WEIGHT = "denoiser.out.weight"
 
 
@@ -42,7 +43,7 @@ class Pretrained:
     model: DiffusionModel  # the denoiser and the schedule; its forward is the training objective
     diffusion_config: DiffusionConfig
     seq_len: int  # the sequence length it was trained at
-    tokenizer: object | None  # sentencepiece.SentencePieceProcessor, or None for token-id corpora
+    tokenizer: object | None  # md4_dist.tokenizer.Tokenizer, or None for token-id corpora
     eos_id: int | None
 
     @property
@@ -62,14 +63,16 @@ def export(ckpt: TrainedCheckpoint, out: str, ema: bool = True, tokenizer_url: s
     # Everything that can fail on the reading side first: `out` is touched only after.
     weights = ckpt.weights(ema)
     proto = read_tokenizer(ckpt.tokenizer, tokenizer_url, storage) if ckpt.tokenizer is not None else None
+    if proto is not None:
+        name = FILE_NAMES[parse_tokenizer(proto, tokenizer_url or ckpt.tokenizer["url"]).kind]
     V = cfg.model.vocab_size
     # The padding rows are zero from initialisation on (their gradient is zero): nothing is lost.
     weights[OUTPUT_WEIGHT] = weights[OUTPUT_WEIGHT][:V].contiguous()
     remove(join(out, CONFIG), storage)  # until the new one is written, `out` is no export
     token_record = None
     if proto is not None:
-        write_bytes(join(out, TOKENIZER), proto, storage)
-        token_record = {"file": TOKENIZER, "sha256": ckpt.tokenizer["sha256"]}
+        write_bytes(join(out, name), proto, storage)
+        token_record = {"file": name, "sha256": ckpt.tokenizer["sha256"]}
     write_bytes(join(out, WEIGHTS), safetensors.torch.save(weights, metadata={"format": "pt"}), storage)
     config = {"format_version": EXPORT_FORMAT_VERSION, "model": to_dict(cfg.model),
               "diffusion": to_dict(cfg.diffusion), "seq_len": cfg.data.seq_len,
