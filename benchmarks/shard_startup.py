@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import statistics
 import subprocess
@@ -27,24 +26,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from data_throughput import make_text  # noqa: E402 - the same text as the sharding benchmark
+
 VOCAB = 8000
-
-
-def make_text(path, mb, seed=0):
-    """Zipf-distributed pseudo-words in documents of 50..2000 words: JSONL of about `mb` MB."""
-    rng = random.Random(seed)
-    letters = "etaoinshrdlcumwfgypbvkjxqz"
-    vocab = ["".join(rng.choice(letters[: rng.randint(6, 26)]) for _ in range(rng.randint(1, 10)))
-             for _ in range(20000)]
-    weights = [1 / (i + 1) for i in range(len(vocab))]
-    docs, size = [], 0
-    with open(path, "w") as f:
-        while size < mb * 1e6:
-            doc = " ".join(rng.choices(vocab, weights, k=rng.randint(50, 2000))) + ".\n"
-            f.write(json.dumps({"text": doc}) + "\n")
-            docs.append(doc)
-            size += len(doc)
-    return docs, size
 
 
 def make_tokenizer(kind, text, docs, work):
