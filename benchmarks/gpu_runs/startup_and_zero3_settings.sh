@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the GPU machine (16 cores), from the project root (carry .whl and .peer): data_tools.shard's
+# start-up at 1, 2 and 14 workers (issue 18), then ZeRO-3's host-side settings for MD4-S beside
+# ZeRO-1 in one command (issue 19), and a kernel profile of GenMD4-S at ZeRO-1 (what the
+# step's own GPU work is made of).
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext
+R=$OUT/results; mkdir -p $R
+nproc | tee $OUT/a_startup.log
+timeout 250 python3 benchmarks/shard_startup.py --text-mb 46 --workers 1 2 14 --repeats 2 \
+  --json $R/shard-startup-16cores.json 2>&1 | tail -8 | tee -a $OUT/a_startup.log
+T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 30 --warmup 8 --compile reduce-overhead"
+PA='--set deepspeed.persistence_threshold=1000000000'
+BIG='"reduce_bucket_size": 500000000, "stage3_prefetch_bucket_size": 500000000'
+timeout 70 $T --models md4-s --zero 1 2>&1 | tail -4 | tee -a $OUT/b_zero3.log
+timeout 80 $T --models md4-s --zero 3 --tag persist-all $PA --set "deepspeed.extra={\"zero_optimization\": {$BIG}}" 2>&1 | tail -4 | tee -a $OUT/b_zero3.log
+timeout 80 $T --models md4-s --zero 3 --tag persist-all-no-overlap $PA --set "deepspeed.extra={\"zero_optimization\": {$BIG, \"overlap_comm\": false}}" 2>&1 | tail -4 | tee -a $OUT/b_zero3.log
+timeout 80 $T --models md4-s --zero 3 --tag persist-all-no-overlap-bf16-accum $PA --set "deepspeed.extra={\"zero_optimization\": {$BIG, \"overlap_comm\": false}, \"data_types\": {\"grad_accum_dtype\": \"bf16\"}}" 2>&1 | tail -4 | tee -a $OUT/b_zero3.log
+timeout 70 $T --models genmd4-s --zero 1 --steps 6 --warmup 4 --profile 2>&1 | tail -45 | tee $OUT/c_profile.log
