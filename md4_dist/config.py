@@ -124,29 +124,56 @@ class ClusterConfig:
 
 
 # The DeepSpeed settings md4_dist derives from its own config (trainer/ds_config.py), each with
-# the config key that sets it: `deepspeed.extra` may not set them.
+# the config key that sets it: `deepspeed.extra` may not set them. md4_dist also sets
+# steps_per_print, wall_clock_breakdown, timers and zero_optimization.memory_efficient_linear, for
+# speed and quiet only: extra may change those, as any other setting of DeepSpeed's (ZeRO's
+# buckets, overlap_comm, offload_param, activation checkpointing...).
 DEEPSPEED_OWNED = {
     "train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch (accumulation = "
+                                   "global_batch / (micro_batch x workers))",
     "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
     "zero_optimization.stage3_param_persistence_threshold": "deepspeed.persistence_threshold",
     "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
-    "bf16": "deepspeed.precision", "fp16": "deepspeed.precision", "data_types": "deepspeed.precision",
-    "optimizer": "optim", "scheduler": "optim", "compile.deepcompile": "deepspeed.deepcompile",
+    "bf16": "deepspeed.precision", "fp16": "deepspeed.precision",
+    "optimizer": "optim (optim.lr, optim.betas, optim.eps, optim.weight_decay)",
+    "scheduler": "optim.warmup_steps, optim.min_lr_ratio and train.steps",
+    "compile.deepcompile": "deepspeed.deepcompile",
 }
+# Where md4_dist sums micro-batch gradients in fp32 (bf16 at ZeRO 1-3), extra may trade that for
+# speed: {"data_types": {"grad_accum_dtype": "bf16"}} (the ZeRO-3 benchmarks measure it).
+ACCUM_DTYPES = ("fp32", "bf16")
 
 
 def _refuse_owned(extra: dict, prefix: str = "") -> None:
     for key, value in extra.items():
         path = prefix + key
         if path in DEEPSPEED_OWNED:
-            raise ValueError(f"extra sets {path!r}, which md4_dist sets from {DEEPSPEED_OWNED[path]}: "
-                             "set that key instead")
+            raise ConfigError(f"config key 'deepspeed.extra.{path}' is set by md4_dist: use "
+                              f"{DEEPSPEED_OWNED[path]}")
         if isinstance(value, dict):
             _refuse_owned(value, path + ".")
         elif any(k.startswith(path + ".") for k in DEEPSPEED_OWNED):
-            raise ValueError(f"extra sets {path!r} to a {type(value).__name__}, but it is an object "
-                             "holding settings md4_dist sets itself: give its other keys one by one")
+            raise ConfigError(f"config key 'deepspeed.extra.{path}' is a {type(value).__name__}, but "
+                              "it is an object holding settings md4_dist sets itself: give its "
+                              "other keys one by one")
+
+
+def _check_accum_dtype(extra: dict, precision: str, zero_stage: int) -> None:
+    types = extra.get("data_types")
+    if types is None or types == {}:
+        return
+    key = "config key 'deepspeed.extra.data_types"
+    if not isinstance(types, dict) or set(types) - {"grad_accum_dtype"}:
+        raise ConfigError(f"{key}' may hold only grad_accum_dtype, got {json.dumps(types)}")
+    dtype = types.get("grad_accum_dtype")
+    if precision != "bf16" or zero_stage == 0:
+        raise ConfigError(f"{key}.grad_accum_dtype' is set by md4_dist at precision {precision}, "
+                          f"zero_stage {zero_stage} (the parameters' own dtype; DeepSpeed has no "
+                          "other there): only bf16 at zero_stage 1-3 may choose it")
+    if dtype not in ACCUM_DTYPES:
+        raise ConfigError(f"{key}.grad_accum_dtype': {json.dumps(dtype)} is not allowed; allowed: "
+                          f"{', '.join(json.dumps(d) for d in ACCUM_DTYPES)}")
 
 
 @dataclass
@@ -168,6 +195,7 @@ class DeepSpeedConfig:
         if self.persistence_threshold < 0:
             raise ValueError(f"persistence_threshold must be >= 0, got {self.persistence_threshold}")
         _refuse_owned(self.extra)
+        _check_accum_dtype(self.extra, self.precision, self.zero_stage)
         if self.deepcompile and self.zero_stage not in (1, 3):
             raise ValueError(f"deepcompile needs zero_stage 1 or 3 (DeepSpeed's passes), got {self.zero_stage}")
 

@@ -150,9 +150,10 @@ def test_bf16_sums_gradients_in_fp32():
         deepspeed_config(two, 1)
 
 
-def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets():
+def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
     """`deepspeed.extra` reaches DeepSpeed's config, nested key by key; a setting md4_dist derives
-    itself is refused at load, naming the key that sets it."""
+    itself is refused at load, naming the key and the md4_dist config key that sets it."""
+    from md4_dist.config import DEEPSPEED_OWNED
     from md4_dist.trainer.ds_config import deepspeed_config
 
     cfg = config_from_dict({}, ['deepspeed.extra={"zero_optimization": {"stage3_prefetch_bucket_size": 7}, '
@@ -161,15 +162,51 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets():
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 7
     assert ds["zero_optimization"]["stage"] == 3, "ours kept beside the merged key"
     assert ds["activation_checkpointing"] == {"partition_activations": True}
+    # what benchmarks/gpu_runs/*.sh pass, each reaching DeepSpeed's config as given
+    big = {"reduce_bucket_size": 500000000, "stage3_prefetch_bucket_size": 500000000}
+    for extra in [{"zero_optimization": big},
+                  {"zero_optimization": {**big, "overlap_comm": False}},
+                  {"zero_optimization": {**big, "overlap_comm": False}, "data_types": {"grad_accum_dtype": "bf16"}},
+                  {"wall_clock_breakdown": True, "zero_optimization": {"memory_efficient_linear": True}}]:
+        ds = deepspeed_config(config_from_dict({}, [f"deepspeed.extra={json.dumps(extra)}",
+                                                    "deepspeed.persistence_threshold=1000000000"]), 1)
+        for section, value in extra.items():
+            got = ds[section]
+            assert (got if not isinstance(value, dict) else {k: got[k] for k in value}) == value, section
+        assert ds["zero_optimization"]["stage"] == 3
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 1000000000
+    # every key md4_dist sets is refused, naming its replacement
+    for path, replacement in DEEPSPEED_OWNED.items():
+        *parents, leaf = path.split(".")
+        extra = {leaf: 1}
+        for parent in reversed(parents):
+            extra = {parent: extra}
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({}, [f"deepspeed.extra={json.dumps(extra)}"])
+        assert f"config key 'deepspeed.extra.{path}' is set by md4_dist: use {replacement}" in str(e.value)
     for extra, message in [
-        ('{"zero_optimization": {"stage": 1}}', "'zero_optimization.stage', which md4_dist sets from deepspeed.zero_stage"),
-        ('{"bf16": {"enabled": false}}', "'bf16', which md4_dist sets from deepspeed.precision"),
-        ('{"zero_optimization": 2}', "'zero_optimization' to a int"),
-        ('{"train_batch_size": 8}', "from train.global_batch"),
+        ('{"zero_optimization": {"stage": 1}}', "'deepspeed.extra.zero_optimization.stage' is set by md4_dist: use deepspeed.zero_stage"),
+        ('{"train_micro_batch_size_per_gpu": 8}', "'deepspeed.extra.train_micro_batch_size_per_gpu' is set by md4_dist: use train.micro_batch"),
+        ('{"bf16": {"enabled": false}}', "'deepspeed.extra.bf16' is set by md4_dist: use deepspeed.precision"),
+        ('{"compile": {"deepcompile": true}}', "use deepspeed.deepcompile"),
+        ('{"zero_optimization": 2}', "'deepspeed.extra.zero_optimization' is a int, but it is an object"),
+        ('{"data_types": {"grad_accum_dtype": "fp16"}}', "'deepspeed.extra.data_types.grad_accum_dtype': \"fp16\" is not allowed; allowed: \"fp32\", \"bf16\""),
+        ('{"data_types": {"other": 1}}', "'deepspeed.extra.data_types' may hold only grad_accum_dtype"),
         ('[1]', "expected object"),
     ]:
         with pytest.raises(ConfigError, match="deepspeed.extra") as e:
             config_from_dict({}, [f"deepspeed.extra={extra}"])
         assert message in str(e.value)
+    # fp32 precision and ZeRO-0 sum in the parameters' dtype, the only one DeepSpeed allows there
+    for where in (["deepspeed.precision=fp32"], ["deepspeed.zero_stage=0", "train.global_batch=16"]):
+        with pytest.raises(ConfigError, match=r"'deepspeed\.extra\.data_types\.grad_accum_dtype' is set by md4_dist"):
+            config_from_dict({}, where + ['deepspeed.extra={"data_types": {"grad_accum_dtype": "fp32"}}'])
+    # refused at load, named by the config file
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"deepspeed": {"extra": {"gradient_clipping": 1.0}}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value) == (f"{path}: config key 'deepspeed.extra.gradient_clipping' is set by md4_dist: "
+                            "use optim.grad_clip")
     with pytest.raises(ConfigError, match="deepcompile needs zero_stage 1 or 3"):
         config_from_dict({}, ["deepspeed.deepcompile=true", "deepspeed.zero_stage=2"])
