@@ -25,8 +25,11 @@ def run(main) -> int:
 def add_output_args(ap) -> None:
     """The options every dataset-writing tool takes."""
     ap.add_argument("--out", required=True, help="output directory: local path, s3://, gs://")
-    ap.add_argument("--val-fraction", type=float, default=0.0)
-    ap.add_argument("--sequences-per-shard", type=int, default=10000)
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="the share of documents (sequences for synthetic) in the 'val' split, "
+                         "seeded (default: %(default)s)")
+    ap.add_argument("--sequences-per-shard", type=int, default=10000,
+                    help="sequences per .tar shard (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
 
 

@@ -26,15 +26,22 @@ from data_tools.cli import Progress, add_output_args, check_output_args, run
 from md4_dist.data.sharding import shard_corpus  # light: each tokenizing worker imports this module
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True, help="files or globs (local or fsspec URLs)")
     ap.add_argument("--tokenizer", required=True,
                     help="a SentencePiece .model or a Hugging Face tokenizer.json (local or fsspec URL)")
-    ap.add_argument("--seq-len", type=int, required=True)
+    ap.add_argument("--seq-len", type=int, required=True, help="tokens per packed sequence")
     add_output_args(ap)
-    ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count() - 1))
-    ap.add_argument("--text-field", default="text", help="JSONL field / parquet column with the text")
+    ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count() - 1),
+                    help="tokenizing processes (default: %(default)s, this machine's CPUs less one)")
+    ap.add_argument("--text-field", default="text",
+                    help="JSONL field / parquet column with the text (default: %(default)s)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     check_output_args(ap, args)
     if args.workers < 1:

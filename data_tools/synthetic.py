@@ -22,17 +22,24 @@ from data_tools.cli import Progress, add_output_args, check_output_args, run
 from md4_dist.data.synthetic import describe, write_synthetic_corpus
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_tools.synthetic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--vocab-size", type=int, required=True)
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--num-sequences", type=int, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--successors", type=int, default=4, help="random successors per token")
+    ap.add_argument("--vocab-size", type=int, required=True, help="the chain's states (token ids 0 to V-1)")
+    ap.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    ap.add_argument("--num-sequences", type=int, required=True, help="sequences in all, val split included")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the chain and the sequences (default: %(default)s)")
+    ap.add_argument("--successors", type=int, default=4,
+                    help="random successors per token (default: %(default)s)")
     ap.add_argument("--floor", type=float, default=0.0,
                     help="weight of the uniform distribution mixed into every transition (> 0: "
-                         "every sequence has a finite log-likelihood)")
+                         "every sequence has a finite log-likelihood) (default: %(default)s)")
     add_output_args(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     check_output_args(ap, args)
     if args.num_sequences < 1:

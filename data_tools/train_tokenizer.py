@@ -45,15 +45,24 @@ def sentences(urls: list[str], text_field: str, sample_bytes: int, bar: tqdm):
                 return
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_tools.train_tokenizer",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True, help="files or globs (local or fsspec URLs)")
-    ap.add_argument("--vocab-size", type=int, required=True)
+    ap.add_argument("--vocab-size", type=int, required=True,
+                    help="pieces, the 256 byte pieces and the special tokens included (>= 260)")
     ap.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    ap.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    ap.add_argument("--text-field", default="text", help="JSONL field / parquet column with the text")
-    ap.add_argument("--sample-bytes", type=int, default=200_000_000, help="train on this much text")
+    ap.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
+                    help="SentencePiece's model type (default: %(default)s)")
+    ap.add_argument("--text-field", default="text",
+                    help="JSONL field / parquet column with the text (default: %(default)s)")
+    ap.add_argument("--sample-bytes", type=int, default=200_000_000,
+                    help="train on this much text, in bytes (default: %(default)s)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.vocab_size < 260:
         ap.error("--vocab-size must be >= 260 (256 byte pieces plus the special tokens)")

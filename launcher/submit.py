@@ -69,16 +69,23 @@ def fail(message: str) -> int:
     return 2
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m launcher.submit", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="JSON config: a file inside this project, or an fsspec URL")
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265",
-                    help="the job API (default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+                    help="the job API: $RAY_ADDRESS, else http://127.0.0.1:8265 (default: %(default)s)")
     ap.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="job env var")
-    ap.add_argument("--python", default="python", help="the python on the cluster's nodes")
-    args = ap.parse_args(argv)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, as md4_dist.train's --set (repeatable)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable of the job (repeatable)")
+    ap.add_argument("--python", default="python",
+                    help="the python on the cluster's nodes (default: %(default)s)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     address = args.address.rstrip("/")
     try:
         config = config_in_project(args.config)

@@ -33,7 +33,8 @@ def add_checkpoint_args(ap) -> None:
     ap.add_argument("--tokenizer", default=None,
                     help="where the training data's tokenizer (a SentencePiece .model or a Hugging Face "
                          "tokenizer.json) is now, if it moved (its sha256 must match the one recorded)")
-    ap.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--device", default="auto",
+                    help="auto (cuda when there is one), cpu, cuda, cuda:1, ... (default: %(default)s)")
 
 
 def device(name: str) -> torch.device:

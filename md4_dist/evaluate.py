@@ -53,7 +53,7 @@ def _manifest_rows(manifest, split: str, batch: int, seed: int, skip: int, limit
             return
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m md4_dist.evaluate", description=__doc__.split("\n\n")[0])
     cli.add_checkpoint_args(ap)
     source = ap.add_mutually_exclusive_group()
@@ -62,13 +62,25 @@ def main(argv=None) -> int:
     source.add_argument("--text", nargs="+", default=None, metavar="PATH",
                         help="text files or globs: .txt (a document each), .jsonl[.gz|.zst] and .parquet (their "
                              "'text' field), tokenized with the model's tokenizer")
-    ap.add_argument("--split", default="val", help="the dataset's split (with --data or the default)")
-    ap.add_argument("--t-samples", type=int, default=4, help="diffusion times per sequence")
-    ap.add_argument("--max-sequences", type=int, default=0, help="the first N sequences only; 0: all")
+    ap.add_argument("--split", default="val",
+                    help="the dataset's split (with --data or the default) (default: %(default)s)")
+    ap.add_argument("--t-samples", type=int, default=4,
+                    help="diffusion times per sequence (default: %(default)s)")
+    ap.add_argument("--max-sequences", type=int, default=0,
+                    help="the first N sequences only; 0: all (default: %(default)s)")
     ap.add_argument("--skip-sequences", type=int, default=0, help="start after the first N sequences "
-                    "(with --max-sequences, disjoint parts of a split can be evaluated apart)")
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences x t-samples per forward pass (GenMD4 doubles the rows: two masks each)")
-    ap.add_argument("--seed", type=int, default=0, help="seeds the diffusion times and masks")
+                    "(with --max-sequences, disjoint parts of a split can be evaluated apart) "
+                    "(default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="sequences x t-samples per forward pass (GenMD4 doubles the rows: two masks "
+                         "each) (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the diffusion times and masks (default: %(default)s)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.t_samples < 1 or args.max_sequences < 0 or args.skip_sequences < 0 or args.batch_size < 1:
         ap.error("--t-samples and --batch-size must be >= 1, --max-sequences and --skip-sequences >= 0")

@@ -26,38 +26,46 @@ from md4_dist.sampling import SAMPLERS, generate, prefix_condition, row_seeds
 from md4_dist.tokenizer import decode, load_tokenizer
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m md4_dist.sample", description=__doc__.split("\n\n")[0])
     cli.add_checkpoint_args(ap)
-    ap.add_argument("--num-samples", type=int, default=4, help="how many samples (default: 4)")
+    ap.add_argument("--num-samples", type=int, default=4, help="how many samples (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=256,
                     help="denoising steps from all-masked to clean; with --sampler threshold, the most "
-                         "model calls (default: 256)")
+                         "model calls (default: %(default)s)")
     ap.add_argument("--sampler", choices=SAMPLERS, default="ancestral",
                     help="ancestral, topp: MD4's; confidence, margin, entropy: unmask the positions the "
                          "model is surest of, as many per step as the schedule unmasks (LLaDA, Dream); "
                          "threshold: every position surer than --threshold, at least one per step "
-                         "(Fast-dLLM) (default: ancestral)")
-    ap.add_argument("--top-p", type=float, default=0.9, help="with --sampler topp: the mass kept (default: 0.9)")
+                         "(Fast-dLLM) (default: %(default)s)")
+    ap.add_argument("--top-p", type=float, default=0.9,
+                    help="with --sampler topp: the mass kept (default: %(default)s)")
     ap.add_argument("--threshold", type=float, default=0.9,
                     help="with --sampler threshold: the confidence in (0, 1] that unmasks a position "
-                         "(default: 0.9)")
+                         "(default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="confidence, margin, entropy, threshold: the candidates' temperature; 0 takes "
-                         "the most likely token (default: 1)")
+                         "the most likely token (default: %(default)s)")
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="end each sample at its first generated EOS; the rest is EOS")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the model one sample at a time, so that a sample does not depend on "
                          "--batch-size (slower)")
-    ap.add_argument("--grid", choices=("cosine", "uniform"), default="cosine", help="the times of the steps")
+    ap.add_argument("--grid", choices=("cosine", "uniform"), default="cosine",
+                    help="the times of the steps (default: %(default)s)")
     ap.add_argument("--prefix", default=None, help="text every sample starts with")
-    ap.add_argument("--seq-len", type=int, default=0, help="tokens per sample; 0: the training length")
-    ap.add_argument("--batch-size", type=int, default=8, help="samples drawn together (default: 8)")
+    ap.add_argument("--seq-len", type=int, default=0,
+                    help="tokens per sample; 0: the training length (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=8, help="samples drawn together (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0,
-                    help="sample i's randomness comes from (seed, i) alone (default: 0)")
+                    help="sample i's randomness comes from (seed, i) alone (default: %(default)s)")
     ap.add_argument("--out", default=None, help="a file (local or object storage); .jsonl: JSON lines")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1 or args.seq_len < 0:
         ap.error("--num-samples, --steps and --batch-size must be >= 1, --seq-len >= 0")

@@ -188,6 +188,46 @@ def with_secrets(data: dict, secrets: dict) -> dict:
     return out
 
 
+def redacted(obj: Any) -> dict:
+    """`to_dict(obj)` with its secret fields put back, each shown as "<redacted>" when set ("" when
+    not): what may be shown of the whole tree (train's --print-config)."""
+    def mask(tree: dict) -> dict:
+        return {k: mask(v) if isinstance(v, dict) else ("<redacted>" if v else v) for k, v in tree.items()}
+    return with_secrets(to_dict(obj), mask(secrets_of(obj)))
+
+
+def settable_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every key that `parse_override` accepts in dataclass `cls`, in the tree's order: (dotted key,
+    its type, its default as JSON). An optional section's keys are listed with the section's
+    defaults, which it takes when one of its keys is set."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, tp = prefix + f.name, hints[f.name]
+        section = _section(tp)
+        if dataclasses.is_dataclass(section):
+            rows += [(k, t, d + (f" ({key}: null by default)" if section is not tp else ""))
+                     for k, t, d in settable_keys(section, key + ".")]
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(_public(f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(_public(f.default_factory()))
+        else:
+            default = "(required)"
+        rows.append((key, _type_name(tp) + (", secret" if f.metadata.get(SECRET) else ""), default))
+    return rows
+
+
+def key_table(cls: type) -> str:
+    """`settable_keys(cls)` as aligned text lines: KEY  TYPE  DEFAULT."""
+    rows = [("KEY", "TYPE", "DEFAULT")] + settable_keys(cls)
+    kw, tw = (max(len(r[i]) for r in rows) for i in (0, 1))
+    return "\n".join(f"{k:<{kw}}  {t:<{tw}}  {d}".rstrip() for k, t, d in rows)
+
+
 def _section(tp: Any) -> Any:
     """The dataclass inside an optional section (`Section | None`), else tp itself."""
     if typing.get_origin(tp) in (Union, types.UnionType):

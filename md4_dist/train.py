@@ -1,6 +1,7 @@
 """Train MD4 / GenMD4 with DeepSpeed under Ray Train.
 
     python -m md4_dist.train configs/tiny.json [--set train.steps=100 --set optim.lr=1e-4 ...]
+    python -m md4_dist.train configs/tiny.json --print-config   # the resolved config, every key
     ray job submit -- python -m md4_dist.train configs/owt_large.json
 
 Attaches to a Ray cluster when run inside `ray job submit` or with RAY_ADDRESS set; otherwise
@@ -27,7 +28,7 @@ from md4_dist.config import Config, ConfigError, config_from_dict, load_config, 
 from md4_dist.data.manifest import ManifestError, load as load_manifest
 from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
-from md4_dist.strict_config import secrets_of, to_dict
+from md4_dist.strict_config import key_table, redacted, secrets_of, to_dict
 from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precision, why_steps_are_fixed
 from md4_dist.trainer.run_lock import RunLocked, take as take_run_lock
 
@@ -128,14 +129,26 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m md4_dist.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="JSON config (local path or fsspec URL)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
-    args = ap.parse_args(argv)
+                    help="override a config key, e.g. --set optim.lr=1e-4 (repeatable; "
+                         "--print-config lists the keys)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (--set applied, secrets redacted) and every "
+                         "key --set accepts with its type and default, then exit (Ray not started)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.print_config:
+            print(json.dumps(redacted(cfg), indent=2))
+            print(f"\nkeys that --set accepts:\n{key_table(Config)}", flush=True)
+            return 0
         # One run at a time per run directory, taken before anything is written there.
         lock = take_run_lock(absolute(cfg.train.run_dir), cfg.storage)
     except (ConfigError, StorageError, RunLocked) as e:
