@@ -99,6 +99,9 @@ class ClusterConfig:
     collective_timeout_s: int = 600  # a collective that waits longer fails the job instead of hanging
     # elastic runs: how often Ray looks for room to grow (it restarts from the latest checkpoint)
     resize_check_s: float = 60.0
+    # each worker checks, as it starts, that its node's packages are at their pins in
+    # scripts/constraints.txt (trainer/pins.py); false: not checked (development only)
+    check_pins: bool = True
 
     def __post_init__(self):
         lo, hi = self._bounds()

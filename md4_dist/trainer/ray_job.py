@@ -1,5 +1,6 @@
 """Where Ray enters: attach to a cluster or start the embedded one, and run the train loop on
-`cluster.num_workers` workers with Ray Train's TorchTrainer. Inside the workers, Ray Train's
+`cluster.num_workers` workers with Ray Train's TorchTrainer, each first checking its node's
+packages against their pins (`worker`, trainer/pins.py). Inside the workers, Ray Train's
 API is used in two more places: its context (trainer/loop.py) and its checkpoint reports
 (trainer/checkpoint.py); the driver's stop request is a Ray actor (trainer/stop.py), and so are
 its record of uncurable errors (trainer/fatal.py) and the config's secrets
@@ -8,12 +9,13 @@ its record of uncurable errors (trainer/fatal.py) and the config's secrets
 from __future__ import annotations
 
 import os
+import socket
 
 from md4_dist.config import Config, ConfigError
 from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
-from md4_dist.trainer import checkpoint, config_secrets, embedded_ray
-from md4_dist.trainer.fatal import FatalRecord, raise_if_recorded
+from md4_dist.trainer import checkpoint, config_secrets, embedded_ray, pins
+from md4_dist.trainer.fatal import ACTOR_TIMEOUT_S, FatalRecord, earlier_failure, raise_if_recorded
 from md4_dist.trainer.loop import train_loop
 from md4_dist.trainer.stop import StopRequest, on_sigterm
 
@@ -49,6 +51,22 @@ def check_room(cfg: Config, have: dict, embedded: bool) -> None:
                           "or RAY_ADDRESS)")
     print(f"note: this Ray cluster ({has} now) cannot hold {what}; the job waits until the "
           "cluster grows (an autoscaler adding nodes)", flush=True)
+
+
+def worker(loop_config: dict) -> None:
+    """Ray Train's worker function: the node's packages checked against their pins (unless
+    cluster.check_pins is false), then the train loop (trainer/loop.py)."""
+    import ray
+
+    record = loop_config["fatal"]
+    if loop_config["config"]["cluster"]["check_pins"] and not earlier_failure(record):
+        try:
+            pins.check(f"{socket.gethostname()} ({ray.util.get_node_ip_address()})")
+        except pins.PinMismatch as e:
+            # No restart cures it while the node is in the cluster: the run stops (trainer/fatal.py).
+            ray.get(record.set.remote(str(e)), timeout=ACTOR_TIMEOUT_S)
+            raise
+    train_loop(loop_config)
 
 
 def fit(cfg: Config) -> int:
@@ -104,7 +122,7 @@ def _fit(cfg: Config, embedded: bool) -> int:
     fatal = FatalRecord.options(scheduling_strategy=on_driver_node).remote()  # trainer/fatal.py
     secrets = config_secrets.hand_over(cfg, on_driver_node)  # storage keys, never written down
     trainer = TorchTrainer(
-        train_loop,
+        worker,
         # Ray Train shows this on its dashboard: the config without its secrets (to_dict)
         train_loop_config={"config": to_dict(cfg), "secrets": secrets, "stop": stop, "fatal": fatal},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
