@@ -1,6 +1,8 @@
-"""Export a trained model: safetensors weights, config.json and its tokenizer, in one directory
-that `md4_dist.load_pretrained` reads on any device (md4_dist/inference/pretrained.py has the
-layout).
+"""Export a trained model: safetensors weights, config.json, its tokenizer and the code
+transformers runs, in one directory that `md4_dist.load_pretrained` reads on any device and
+`transformers.AutoModel.from_pretrained(dir, trust_remote_code=True)` loads where md4_dist is not
+installed (md4_dist/inference/pretrained.py has the layout, md4_dist/hf the transformers model).
+Exporting needs no transformers.
 
     python -m md4_dist.export --checkpoint runs/owt --out exported/owt       # the EMA weights
     python -m md4_dist.export --checkpoint s3://bucket/runs/owt --out s3://bucket/models/owt --no-ema
@@ -34,7 +36,8 @@ def main(argv=None) -> int:
     with open_checkpoint(args.checkpoint) as ckpt:
         export(ckpt, args.out, ema=not args.no_ema, tokenizer_url=args.tokenizer)
     print(f"exported step {ckpt.step} ({'trained' if args.no_ema else 'EMA'} weights) of "
-          f"{ckpt.url} to {args.out}; load it with md4_dist.load_pretrained({args.out!r}), "
+          f"{ckpt.url} to {args.out}; load it with md4_dist.load_pretrained({args.out!r}) or "
+          f"transformers.AutoModel.from_pretrained({args.out!r}, trust_remote_code=True), "
           f"its config is {join(args.out, CONFIG)}", flush=True)
     return 0
 

@@ -51,7 +51,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from md4_dist.diffusion import checks
+from md4_dist.diffusion.checks import tokens as check_tokens
 from md4_dist.diffusion.schedules import MaskingSchedule
 
 # (z_t [B, L], t [B]) -> logits [B, L, V]: what the sampler draws from, e.g. a model.Denoiser
@@ -243,7 +243,7 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
     shape = (num_samples, seq_len)
     z = torch.full(shape, V, dtype=torch.int64, device=device)
     if given is not None:
-        checks.tokens("given", given.to(z.device), shape, V - 1)
+        check_tokens("given", given.to(z.device), shape, V - 1)
         if fixed.dtype != torch.bool or tuple(fixed.shape) != shape:
             raise ValueError(f"fixed must be a bool tensor of shape {shape}, got {fixed.dtype} "
                              f"{tuple(fixed.shape)}")

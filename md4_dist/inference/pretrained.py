@@ -4,15 +4,20 @@ one directory, and `load_pretrained` to get it back on any device.
     python -m md4_dist.export --checkpoint runs/owt --out exported/owt
     m = md4_dist.load_pretrained("exported/owt", device="cuda")
     m.denoiser, m.schedule, m.tokenizer       # logits = m.denoiser(z_t, t)
+    # the same directory in transformers, without md4_dist (md4_dist/hf/modeling_md4.py):
+    AutoModel.from_pretrained("exported/owt", trust_remote_code=True)
 
     DIR/
       model.safetensors  fp32 weights: "denoiser.*" and "schedule.*" (GenMD4's exponents); the
                          output layer's weight has V rows (training pads it, model.OutputLayer)
       config.json        {"format_version", "model", "diffusion", "seq_len", "eos_id",
                           "tokenizer": {"file", "sha256"} | null, "source": {"checkpoint",
-                          "step", "weights": "ema" | "trained"}}; written last
+                          "step", "weights": "ema" | "trained"}} and transformers' keys
+                         (model_type, architectures, auto_map); written last
       tokenizer.model | tokenizer.json   the training data's tokenizer (SentencePiece, or a
                          Hugging Face tokenizer.json), when it had one
+      modeling_md4.py, model.py, ...   the code transformers' AutoModel runs: md4_dist's own
+                         modules, imports made relative (md4_dist/hf/remote_code.py)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from md4_dist.data.storage import StorageConfig, StorageError, join, read_bytes,
 from md4_dist.diffusion.objectives import DiffusionConfig
 from md4_dist.diffusion.schedules import MaskingSchedule
 from md4_dist.diffusion_model import DiffusionModel
+from md4_dist.hf import remote_code
 from md4_dist.inference.consolidate import TrainedCheckpoint, remove
 from md4_dist.model import Denoiser, ModelConfig
 from md4_dist.strict_config import ConfigError, from_dict, to_dict
@@ -65,6 +71,7 @@ def export(ckpt: TrainedCheckpoint, out: str, ema: bool = True, tokenizer_url: s
     proto = read_tokenizer(ckpt.tokenizer, tokenizer_url, storage) if ckpt.tokenizer is not None else None
     if proto is not None:
         name = FILE_NAMES[parse_tokenizer(proto, tokenizer_url or ckpt.tokenizer["url"]).kind]
+    code = remote_code.files()
     V = cfg.model.vocab_size
     # The padding rows are zero from initialisation on (their gradient is zero): nothing is lost.
     weights[OUTPUT_WEIGHT] = weights[OUTPUT_WEIGHT][:V].contiguous()
@@ -74,8 +81,10 @@ def export(ckpt: TrainedCheckpoint, out: str, ema: bool = True, tokenizer_url: s
         write_bytes(join(out, name), proto, storage)
         token_record = {"file": name, "sha256": ckpt.tokenizer["sha256"]}
     write_bytes(join(out, WEIGHTS), safetensors.torch.save(weights, metadata={"format": "pt"}), storage)
-    config = {"format_version": EXPORT_FORMAT_VERSION, "model": to_dict(cfg.model),
-              "diffusion": to_dict(cfg.diffusion), "seq_len": cfg.data.seq_len,
+    for file, source in code.items():
+        write_bytes(join(out, file), source, storage)
+    config = {**remote_code.CONFIG_KEYS, "format_version": EXPORT_FORMAT_VERSION,
+              "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion), "seq_len": cfg.data.seq_len,
               "eos_id": ckpt.state["eos_id"], "tokenizer": token_record,
               "source": {"checkpoint": ckpt.url, "step": ckpt.step, "weights": "ema" if ema else "trained"}}
     write_bytes(join(out, CONFIG), (json.dumps(config, indent=1) + "\n").encode(), storage)
