@@ -204,6 +204,20 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Rank 0 mirrors the records (the same grouped names as TensorBoard), the schedule's
+    histogram and the samples to Weights & Biases (trainer/wandb_log.py); a resumed run continues
+    the same W&B run (its id kept in <run_dir>/wandb.json). Needs `pip install 'md4_dist[wandb]'`,
+    and for mode "online" the workers need W&B's credentials (WANDB_API_KEY or their ~/.netrc)."""
+
+    enabled: bool = False
+    project: str = "md4_dist"
+    entity: str = ""  # "": the credentials' default entity
+    name: str = ""  # the run's name in W&B; "": train.name
+    mode: Literal["online", "offline"] = "online"  # offline: files under <run_dir>/wandb, for `wandb sync`
+
+
+@dataclass
 class LoggingConfig:
     every: int = 100  # steps between metrics.jsonl / TensorBoard records
     # Samples in TensorBoard's text tab every `sample_every` steps (0: never) and at the end, drawn
@@ -215,10 +229,19 @@ class LoggingConfig:
     # the device peak (TFLOP/s) that each record's `mfu` is quoted against; 0: the measured peak
     # of a known GPU (trainer/perf.py), and no `mfu` on any other device
     peak_tflops: float = 0.0
+    # [first, last]: a torch.profiler trace of those steps (inclusive) into <run_dir>/profile/
+    # (trainer/profiling.py), by rank 0 or, with profile_all_ranks, by every rank; []: none
+    profile_steps: tuple[int, ...] = ()
+    profile_all_ranks: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.profile_steps and not (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <=
+                                       self.profile_steps[1]):
+            raise ValueError(f"profile_steps must be [first, last] with 1 <= first <= last, or [] for "
+                             f"none; got {list(self.profile_steps)}")
         if self.sample_every < 0:
             raise ValueError(f"sample_every must be >= 0, got {self.sample_every}")
         if self.samples < 1 or self.sample_steps < 1:

@@ -72,7 +72,7 @@ def test_skipped_shard_leaves_every_step_full(tmp_path):
 
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
-    assert [e.value for e in acc.Scalars("skipped_sequences")] == [40] * steps
+    assert [e.value for e in acc.Scalars("data/skipped_sequences")] == [40] * steps
 
 
 def test_metrics_jsonl_writes_a_non_finite_value_as_null(tmp_path):
@@ -88,4 +88,4 @@ def test_metrics_jsonl_writes_a_non_finite_value_as_null(tmp_path):
     assert strict_json(line) == {"step": 1, "loss": None, "grad_norm": None, "lr": 0.5}
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
-    assert np.isnan(acc.Scalars("loss")[0].value) and acc.Scalars("lr")[0].value == 0.5
+    assert np.isnan(acc.Scalars("train/loss")[0].value) and acc.Scalars("train/lr")[0].value == 0.5

@@ -86,4 +86,4 @@ def test_tensorboard_reads_the_run_on_s3(s3_bucket, s3_endpoint, monkeypatch):
     monkeypatch.setenv("S3_ENDPOINT", s3_endpoint)  # what TensorBoard's S3 reader reads
     acc = EventAccumulator(f"{s3_bucket}/run/tensorboard")
     acc.Reload()
-    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]

@@ -32,8 +32,10 @@ def records(text: str) -> list[dict]:
 def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     """The tiny config as the README runs it, on a corpus it makes on first use. Its validation
     NELBO, an upper bound on the corpus entropy, must respect the bound and be far below the
-    log2(V) of a uniform guess."""
+    log2(V) of a uniform guess. TensorBoard shows each record value under its grouped tag."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from md4_dist.trainer.metrics import TAGS
 
     run_dir, data = tmp_path / "run", tmp_path / "markov"  # no dataset yet: made on first use
     # a peak for the CPU (no device table entry), so that every record carries its MFU
@@ -43,8 +45,8 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     assert "step 300/300" in r.stdout + r.stderr
     got = records((run_dir / "metrics.jsonl").read_text())
     assert [rec["step"] for rec in got] == [50, 100, 150, 200, 250, 300]
-    keys = {"loss", "nelbo_bits_per_token", "lr", "grad_norm", "tokens_per_s", "samples_seen",
-            "exponent_min", "exponent_mean", "exponent_max"}
+    keys = {"loss", "nelbo_bits_per_token", "lr", "grad_norm", "tokens_per_s", "step_time_s", "samples_seen",
+            "epoch", "skipped_sequences", "exponent_min", "exponent_mean", "exponent_max"}
     assert all(keys <= set(rec) for rec in got)
     assert [rec["step"] for rec in got if "val_nelbo_bits_per_token" in rec] == [150, 300]
     assert got[-1]["samples_seen"] == 300 * 32
@@ -56,6 +58,9 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     for rec in got:  # the model's FLOPs over both workers' peak (1 TFLOP/s each)
         assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * per_token / 2e12, rel=1e-9)
         assert "peak_memory_gib" not in rec  # GPU memory, on GPU workers only
+        # a step's time (the mean since the last record) is its tokens at the record's rate
+        assert rec["step_time_s"] == pytest.approx(32 * 64 / rec["tokens_per_s"], rel=1e-9)
+        assert rec["epoch"] == pytest.approx(rec["samples_seen"] / 19000, abs=32 / 19000)  # 95 % of 20000
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["eval"]["every"] == 150 and os.path.isabs(saved["data"]["manifest"])
     assert (run_dir / "run.lock").read_bytes() == b"", "the run's lock released at its end"
@@ -74,12 +79,19 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     samples = acc.Tensors("samples/text_summary")
     assert [e.step for e in samples] == [150, 300]
     assert samples[-1].tensor_proto.string_val[0].decode().count("**sample ") == 4
-    for key in ("loss", "nelbo_bits_per_token", "lr", "tokens_per_s", "mfu", "exponent_mean"):
-        events = acc.Scalars(key)
+    # every record value under its tag (metrics.TAGS), grouped by purpose
+    names = set().union(*got) - {"step"}
+    assert set(acc.Tags()["scalars"]) == {TAGS[n] for n in names}
+    assert {TAGS[n].split("/")[0] for n in names} == {"train", "val", "schedule", "perf", "data"}
+    assert (TAGS["loss"], TAGS["nelbo_bits_per_token"], TAGS["tokens_per_s"], TAGS["skipped_sequences"]) == (
+        "train/loss", "train/nelbo_bits_per_token", "perf/tokens_per_s", "data/skipped_sequences")
+    for key in ("loss", "nelbo_bits_per_token", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
+                "exponent_mean", "epoch"):
+        events = acc.Scalars(TAGS[key])
         assert [e.step for e in events] == [rec["step"] for rec in got]
         assert [e.value for e in events] == pytest.approx([rec[key] for rec in got], rel=1e-6)
-    assert [e.step for e in acc.Scalars("val_nelbo_bits_per_token")] == [150, 300]
-    assert acc.Tags()["histograms"] == ["exponents"]
+    assert [e.step for e in acc.Scalars("val/nelbo_bits_per_token")] == [150, 300]
+    assert acc.Tags()["histograms"] == ["schedule/exponents"]
 
     again = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "logging.peak_tflops=1")
     assert again.returncode == 2 and "holds a run with another config" in again.stderr
@@ -126,8 +138,9 @@ def local_files(root: str):
 
 
 def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
-    """Data and run directory on S3 (a moto server on 127.0.0.1): config.json, metrics.jsonl and
-    TensorBoard's event files end up in the bucket; its checkpoint evaluates and exports from there.
+    """Data and run directory on S3 (a moto server on 127.0.0.1): config.json, metrics.jsonl,
+    TensorBoard's event files, the profiler's trace and W&B's offline files end up in the bucket
+    (the command run again continues the same W&B run); its checkpoint evaluates and exports from there.
     The keys come from the config's storage section only (none in the command's environment, so
     none in the workers'): no file of the run nor of Ray's session holds them, and a rotated key
     resumes the run."""
@@ -139,6 +152,7 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from data_tools import synthetic
+    from test_observability import wandb_env, wandb_history, wandb_records
 
     data, run_dir = f"{s3_bucket}/markov", f"{s3_bucket}/runs/tiny"
     assert synthetic.main(["--out", data, "--vocab-size", "64", "--seq-len", "64",
@@ -146,17 +160,19 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     keys = [f"AKIA{uuid.uuid4().hex[:16].upper()}", f"secret-{uuid.uuid4().hex}"]  # moto takes any
     # the embedded Ray instance's session directory, to look into (short: Ray's sockets live there)
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    no_env_keys = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "RAY_TMPDIR": ray_tmp}
+    no_env_keys = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "RAY_TMPDIR": ray_tmp,
+                   **wandb_env(tmp_path / "wandb-home")}
+    observed = ("logging.profile_steps=[9, 10]", "logging.wandb.enabled=true", "logging.wandb.mode=offline")
     try:
         r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10",
                   "logging.every=5", "eval.every=10", f"storage.key={keys[0]}", f"storage.secret={keys[1]}",
-                  env_changes=no_env_keys)
+                  *observed, env_changes=no_env_keys)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         # the key rotated: the same run, resumed (finished: nothing left to do)
         keys += [f"AKIA{uuid.uuid4().hex[:16].upper()}", f"secret-{uuid.uuid4().hex}"]
         again = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10",
                       "logging.every=5", "eval.every=10", f"storage.key={keys[2]}",
-                      f"storage.secret={keys[3]}", env_changes=no_env_keys)
+                      f"storage.secret={keys[3]}", *observed, env_changes=no_env_keys)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert f"resuming the run in {run_dir}" in again.stdout
         sessions = [p for p in os.listdir(os.path.join(ray_tmp, "ray")) if p.startswith("session_2")]
@@ -180,7 +196,20 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     fs.get(f"{root}/tensorboard", str(tmp_path / "tb"), recursive=True)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("loss")] == [5, 10]
+    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10]
+    trace = json.loads(fs.cat(f"{root}/profile/steps-9-10-rank-0.json"))
+    assert sorted(e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("step ")) == [
+        "step 10", "step 9"]
+    run_id = json.loads(fs.cat(f"{root}/wandb.json"))["id"]
+    attempts = sorted(fs.glob(f"{root}/wandb/offline-run-*/run-{run_id}.wandb"))
+    assert len(attempts) == 2, fs.find(f"{root}/wandb")  # one per command, both of the one W&B run
+    histories = []
+    for i, path in enumerate(attempts):  # by their start
+        fs.get(path, str(tmp_path / f"attempt-{i}.wandb"))
+        logged = wandb_records(str(tmp_path / f"attempt-{i}.wandb"))
+        assert [r.run.run_id for r in logged if r.WhichOneof("record_type") == "run"] == [run_id]
+        histories.append(sorted(wandb_history(logged)))
+    assert histories == [[5, 10], []]  # the second command found the run finished: nothing to log
 
     # the checkpoint read back from the bucket, consolidated in one process, and exported to it
     from md4_dist import load_pretrained
@@ -217,7 +246,7 @@ def test_run_directory_and_data_on_s3(tmp_path, s3_bucket, capsys):
     assert res["sequences"] == 20 and res["step"] == 10 and res["data"] == f"{data}/manifest.json"
 
     other = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "train.steps=10", "logging.every=5",
-                  "eval.every=10", "logging.peak_tflops=1")
+                  "eval.every=10", "logging.peak_tflops=1", *observed)
     assert other.returncode == 2, other.stderr[-2000:]
     assert "holds a run with another config (differing: logging.peak_tflops)" in other.stderr
 
@@ -283,4 +312,4 @@ def test_ray_job_submit(ray_cluster, tmp_path, tiny_data):
     assert "step 10/10" in out
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("nelbo_bits_per_token")] == [5, 10]
+    assert [e.step for e in acc.Scalars("train/nelbo_bits_per_token")] == [5, 10]

@@ -28,13 +28,13 @@ from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
-from md4_dist.trainer import checkpoint, config_secrets, fatal, perf, samples
+from md4_dist.trainer import checkpoint, config_secrets, fatal, metrics, perf, samples
 from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.engine import build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
 from md4_dist.trainer.ledger import SampleLedger
-from md4_dist.trainer.metrics import MetricsWriter
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
+from md4_dist.trainer.profiling import StepProfiler
 from md4_dist.trainer.state import Every, TrainState
 from md4_dist.trainer.stop import StopWatch
 from md4_dist.trainer.validation import Validation
@@ -106,8 +106,9 @@ class Trainer:
             from md4_dist.tokenizer import load_tokenizer
             self.tokenizer = load_tokenizer(self.manifest.tokenizer, storage=cfg.storage)
 
-        self.writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=self.state.step + 1) \
-            if rank == 0 else None
+        # metrics.jsonl, TensorBoard, Ray's metrics and W&B (trainer/metrics.py)
+        self.writer = metrics.for_run(cfg, start_step=self.state.step + 1) if rank == 0 else None
+        self.profiler = StepProfiler(cfg, rank)  # logging.profile_steps
         self.ledger = SampleLedger(cfg.train.run_dir, cfg.storage, rank, world, self.state.attempt) \
             if cfg.data.record_sample_ids else None
         self.watch = StopWatch(loop_config["stop"], rank, cfg.cluster.collective_timeout_s)
@@ -123,7 +124,8 @@ class Trainer:
         self.started = self.window = time.perf_counter()  # the run, and the record's training time
         with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
             for step in range(first, cfg.train.steps + 1):
-                self._step(step)
+                with self.profiler(step):
+                    self._step(step)
                 record, histograms = self._metrics(step)
                 texts = {}
                 if self.validation is not None and self.eval_due(step):
@@ -175,11 +177,15 @@ class Trainer:
         cfg = self.cfg
         loss, bits, rows = self.state.sums.pooled()  # every rank, at the same steps
         now = time.perf_counter()
+        position = self.stream.position(self.state.reader)
         record.update(loss=loss, nelbo_bits_per_token=bits, lr=self.lr_schedule.get_last_lr()[0],
                       tokens_per_s=rows * cfg.data.seq_len / (now - self.window),
+                      # the mean of the steps since the last record: rows / global_batch of them
+                      step_time_s=(now - self.window) * cfg.train.global_batch / rows,
                       samples_seen=step * cfg.train.global_batch,
+                      epoch=position / self.stream.sequences,  # epochs of the train split read (fractional)
                       # sequences of shards left out as damaged that the stream has stepped over
-                      skipped_sequences=self.stream.skipped_before(self.stream.position(self.state.reader)))
+                      skipped_sequences=self.stream.skipped_before(position))
         self.window = now
         if self.peak is not None:  # the model's FLOPs against every worker's peak
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12 * self.world)

@@ -1,5 +1,11 @@
-"""What rank 0 writes into the run directory as it goes: metrics.jsonl and TensorBoard scalars
-(under the same names). `StagedFiles` also carries each rank's sample ledger (trainer/ledger.py).
+"""What rank 0 writes into the run directory as it goes: metrics.jsonl and TensorBoard scalars,
+and the mirrors of those (Weights & Biases, Ray's metrics: trainer/wandb_log.py,
+trainer/ray_metrics.py). `StagedFiles` also carries each rank's sample ledger
+(trainer/ledger.py) and the profiler's traces (trainer/profiling.py).
+
+metrics.jsonl keeps each value under its flat name ("loss", "tokens_per_s"); TensorBoard and the
+mirrors show it under a tag grouped by purpose ("train/loss", "perf/tokens_per_s"): `TAGS` below
+is the one list of both.
 
 A local run directory is written in place. Object storage (s3://, gs://) cannot append, so the
 files are kept in a local staging directory (seeded with what the run directory already holds)
@@ -29,9 +35,49 @@ import threading
 
 from torch.utils.tensorboard import SummaryWriter
 
+from md4_dist.config import Config
 from md4_dist.data.storage import StorageConfig, explain, filesystem, protocol
 
 log = logging.getLogger(__name__)
+
+# Each record name (metrics.jsonl's keys; also the histograms' and the texts') and its tag in
+# TensorBoard, W&B and Ray's metrics, grouped by purpose. A name missing here is an error.
+TAGS = {
+    # train/: the objective and the optimizer
+    "loss": "train/loss",  # the surrogate loss that is minimised
+    "nelbo_bits_per_token": "train/nelbo_bits_per_token",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    # val/: validation (eval.every), on the same sequences and noise each time
+    "val_nelbo_bits_per_token": "val/nelbo_bits_per_token",
+    "val_nelbo_se": "val/nelbo_se",
+    "val_sequences": "val/sequences",
+    # schedule/: GenMD4's learnable schedule, its per-token exponents
+    "exponent_min": "schedule/exponent_min",
+    "exponent_mean": "schedule/exponent_mean",
+    "exponent_max": "schedule/exponent_max",
+    "exponents": "schedule/exponents",  # a histogram
+    # perf/: speed and memory
+    "tokens_per_s": "perf/tokens_per_s",
+    "step_time_s": "perf/step_time_s",
+    "mfu": "perf/mfu",
+    "peak_memory_gib": "perf/peak_memory_gib",
+    # data/: where the run stands in its data
+    "samples_seen": "data/samples_seen",
+    "epoch": "data/epoch",
+    "skipped_sequences": "data/skipped_sequences",
+    # samples drawn during training (logging.sample_every), TensorBoard's text tab
+    "samples": "samples",
+}
+
+
+def tag(name: str) -> str:
+    """The grouped tag of a record name (TAGS)."""
+    try:
+        return TAGS[name]
+    except KeyError:
+        raise KeyError(f"the record name {name!r} has no tag: add it to TAGS in "
+                       "md4_dist/trainer/metrics.py") from None
 
 
 class StagedFiles:
@@ -66,6 +112,8 @@ class StagedFiles:
             for d, _, files in os.walk(self.root):
                 for name in files:
                     local = os.path.join(d, name)
+                    if os.path.islink(local):
+                        continue  # another name of a file sent under its own (W&B's debug.log)
                     rel = os.path.relpath(local, self.root)
                     size, sent = os.path.getsize(local), self.sent.get(rel)
                     if size == sent:
@@ -110,9 +158,14 @@ def _append_s3(fs, url: str, local: str, sent: int, size: int) -> int:
 
 class MetricsWriter:
     """Records from `start_step` on: later records of an earlier attempt are dropped from
-    metrics.jsonl and purged from TensorBoard's view, since the steps are trained again."""
+    metrics.jsonl and purged from TensorBoard's view, since the steps are trained again.
+
+    `mirrors` get every record too, by tag: each has `write(step, scalars, histograms, texts)`,
+    {tag: value} dicts, and `close()`, called before the last upload (a mirror may write under
+    `files.root`, W&B's offline files)."""
 
     def __init__(self, run_dir: str, storage: StorageConfig | None = None, start_step: int = 1):
+        self.mirrors: list = []
         self.files = StagedFiles(run_dir, storage, fetch=("metrics.jsonl",))
         self.path = self.files.path("metrics.jsonl")
         if os.path.exists(self.path):
@@ -125,28 +178,48 @@ class MetricsWriter:
 
     def write(self, record: dict, histograms: dict | None = None, texts: dict | None = None) -> None:
         """record: {"step", name: value, ...}, one line of metrics.jsonl (when it holds more than
-        the step) and TensorBoard scalars; histograms and texts (Markdown) go to TensorBoard only."""
+        the step) and scalars under their tags (TAGS); histograms and texts (Markdown) go to
+        TensorBoard and the mirrors only."""
         step = record["step"]
         if len(record) > 1:
             strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                       for k, v in record.items()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(strict, allow_nan=False) + "\n")
-        for name, value in record.items():
-            if name != "step":
-                self.tb.add_scalar(name, value, step)
-        for name, values in (histograms or {}).items():
+        scalars = {tag(name): value for name, value in record.items() if name != "step"}
+        histograms = {tag(name): values for name, values in (histograms or {}).items()}
+        texts = {tag(name): text for name, text in (texts or {}).items()}
+        for name, value in scalars.items():
+            self.tb.add_scalar(name, value, step)
+        for name, values in histograms.items():
             self.tb.add_histogram(name, values, step)
-        for name, text in (texts or {}).items():
+        for name, text in texts.items():
             self.tb.add_text(name, text, step)
         self.tb.flush()
+        for mirror in self.mirrors:
+            mirror.write(step, scalars, histograms, texts)
         if self.uploads is not None:
             self.uploads.request()
 
     def close(self) -> None:
         self.tb.close()
+        for mirror in self.mirrors:
+            mirror.close()
         if self.uploads is not None:
             self.uploads.close()
+
+
+def for_run(cfg: Config, start_step: int) -> MetricsWriter:
+    """Rank 0's writer of a training run: the run directory's files, mirrored to Ray's metrics
+    (trainer/ray_metrics.py) and, with logging.wandb.enabled, to W&B (trainer/wandb_log.py)."""
+    from md4_dist.trainer.ray_metrics import RayGauges
+    from md4_dist.trainer.wandb_log import WandbMirror
+
+    writer = MetricsWriter(cfg.train.run_dir, cfg.storage, start_step=start_step)
+    writer.mirrors.append(RayGauges(cfg.train.name))
+    if cfg.logging.wandb.enabled:
+        writer.mirrors.append(WandbMirror(cfg, writer.files))
+    return writer
 
 
 class BackgroundUploads:

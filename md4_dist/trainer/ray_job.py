@@ -14,7 +14,7 @@ import socket
 from md4_dist.config import Config, ConfigError
 from md4_dist.data.storage import filesystem, protocol
 from md4_dist.strict_config import to_dict
-from md4_dist.trainer import checkpoint, config_secrets, embedded_ray, pins
+from md4_dist.trainer import checkpoint, config_secrets, embedded_ray, pins, wandb_log
 from md4_dist.trainer.fatal import ACTOR_TIMEOUT_S, FatalRecord, earlier_failure, raise_if_recorded
 from md4_dist.trainer.loop import train_loop
 from md4_dist.trainer.stop import StopRequest, on_sigterm
@@ -73,6 +73,7 @@ def fit(cfg: Config) -> int:
     """Train; returns the last step checkpointed, short of `train.steps` when stopped early."""
     import ray
 
+    wandb_log.require(cfg)  # here, not in every attempt of rank 0: W&B asked for, not installed
     # How long Ray Train waits for a worker group's resources (its placement group) before it
     # decides the size again (Ray's default: 60 s). Read by the Ray processes this driver starts,
     # the embedded default, whose room check_room has checked; a cluster sets its own (launcher/).
