@@ -4,15 +4,20 @@
     with SplitWriter(url, "train", seq_len, "uint16", per_shard=10000) as w:
         w.write(tokens)                                # [L] integer array
     save_manifest(Manifest(..., splits={"train": w.split}), url)   # last: marks the dataset complete
+
+A shard is a WebDataset tar written with the standard library's tarfile, member for member what
+webdataset's ShardWriter writes (tests/test_data_tools.py compares the bytes): importing
+webdataset imports torch, seconds that every sharding or corpus-making command paid before its
+first document.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import tarfile
 
 import numpy as np
-import webdataset as wds
 
 from md4_dist.data.manifest import MANIFEST_NAME, TOKENS_EXT, Shard, Split
 from md4_dist.data.storage import StorageConfig, explain, filesystem, join, list_dir, open_url
@@ -57,43 +62,46 @@ class SplitWriter:
         self.dtype, self.per_shard, self.storage = np.dtype(dtype), per_shard, storage
         self.shards: list[Shard] = []
         self.sequences = 0
-        self._writer = None  # opened at the first sequence: an empty split writes no file
-        self._open_files = {}
+        self._url = self._file = self._tar = None  # the open shard: none until a sequence comes
         self._in_shard = 0
 
-    def _open(self, url):
-        f = open_url(url, "wb", self.storage)
-        self._open_files[url] = f
-        return f
+    def _next_shard(self) -> None:
+        self._finish_shard()
+        self._url = join(self.out_url, f"{self.split_name}-{len(self.shards):06d}.tar")
+        self._file = open_url(self._url, "wb", self.storage)
+        # "w|": a stream, as webdataset writes (blocks of tarfile.RECORDSIZE, no seeking back)
+        self._tar = tarfile.open(fileobj=self._file, mode="w|")
 
-    def _finished(self, url):
-        f = self._open_files.pop(url)
-        size = f.tell()
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()  # tar's two zero blocks, padded to its record size
+        size = self._file.tell()
         try:
-            f.close()  # for object storage, the upload completes here
+            self._file.close()  # for object storage, the upload completes here
         except Exception as e:  # noqa: BLE001 - re-raised with the URL named
-            raise explain(url, e) from e
-        self.shards.append(Shard(name=url.rsplit("/", 1)[-1], sequences=self._in_shard, bytes=size))
+            raise explain(self._url, e) from e
+        self.shards.append(Shard(name=self._url.rsplit("/", 1)[-1], sequences=self._in_shard, bytes=size))
+        self._url = self._file = self._tar = None
         self._in_shard = 0
 
     def write(self, tokens: np.ndarray) -> None:
         if tokens.shape != (self.seq_len,):
             raise ValueError(f"a sequence must have shape ({self.seq_len},), got {tokens.shape}")
-        if self._writer is None:
-            pattern = join(self.out_url, f"{self.split_name}-%06d.tar")
-            # Fixed mtime and owner: the same input gives the same bytes.
-            self._writer = wds.ShardWriter(pattern, maxcount=self.per_shard, maxsize=float("inf"),
-                                           post=self._finished, opener=self._open, verbose=0,
-                                           encoder=False, mtime=0)  # int: a float adds a PAX header per member
-        key = f"{self.split_name}-{self.sequences:09d}"
-        self._writer.write({"__key__": key, TOKENS_EXT: npy_bytes(tokens.astype(self.dtype, copy=False))})
+        if self._tar is None or self._in_shard == self.per_shard:
+            self._next_shard()
+        data = npy_bytes(tokens.astype(self.dtype, copy=False))
+        member = tarfile.TarInfo(f"{self.split_name}-{self.sequences:09d}.{TOKENS_EXT}")
+        # webdataset's fields; an int mtime (a float adds a PAX header per member) and fixed owner:
+        # the same input gives the same bytes, every record the same size (data/ranges.py)
+        member.size, member.mtime, member.mode = len(data), 0, 0o444
+        member.uname = member.gname = "bigdata"
+        self._tar.addfile(member, io.BytesIO(data))
         self._in_shard += 1
         self.sequences += 1
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._finish_shard()
 
     @property
     def split(self) -> Split:
@@ -106,6 +114,5 @@ class SplitWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             self.close()
-        else:  # leave the partial shard unfinished; no manifest will point at it
-            for f in self._open_files.values():
-                f.close()
+        elif self._file is not None:  # leave the partial shard unfinished; no manifest will point at it
+            self._file.close()

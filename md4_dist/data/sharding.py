@@ -13,12 +13,10 @@ with the tokenizer's URL, sha256 and kind and the source text bytes of each spli
 byte).
 
 The workers are spawned processes that import md4_dist.data.packing, the tokenizer libraries and
-the caller's __main__ module (spawn imports it again in each), so this module keeps its own
-imports light: the shard writer (webdataset, which imports torch) is imported only inside
-shard_corpus, once the workers are starting, so the two overlap. With it at module level, each
-of 14 workers importing data_tools.shard paid for torch, together half a minute before the first
-document; now a worker starts in well under a second, and a --tokenizer of the wrong kind fails
-before torch is imported.
+the caller's __main__ module (spawn imports it again in each), so nothing here imports torch: with
+torch among data_tools.shard's imports, each of 14 workers paid for it, together half a minute
+before the first document. The shard writer writes its tars with the standard library for the
+same reason (shard_writer.py).
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ import numpy as np
 
 from md4_dist.data.manifest import Manifest, save, token_dtype
 from md4_dist.data.packing import Packer, init_worker, worker_encode
+from md4_dist.data.shard_writer import SplitWriter, prepare_output
 from md4_dist.data.sources import all_documents, expand
 from md4_dist.data.storage import read_bytes
 from md4_dist.tokenizer import parse_tokenizer, tokenizer_record
@@ -98,10 +97,6 @@ def shard_corpus(inputs: list[str], tokenizer: str, out: str, *, seq_len: int,
     # workers need only the tokenizer, not a copy of a large parent.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
                              initargs=(data, tokenizer)) as pool:
-        for _ in range(workers):  # each submit starts a worker: they start up while this imports
-            pool.submit(int)
-        from md4_dist.data.shard_writer import SplitWriter, prepare_output  # torch: see the docstring
-
         prepare_output(out, overwrite)
         packers = {name: Packer(SplitWriter(out, name, seq_len, dtype, sequences_per_shard),
                                 seq_len, tok.eos_id) for name in ("train", "val")}
