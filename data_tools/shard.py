@@ -22,11 +22,13 @@ import multiprocessing as mp
 import sys
 import time
 
-from data_tools.cli import Progress, add_output_args, check_output_args, run
-from md4_dist.data.sharding import shard_corpus  # light: each tokenizing worker imports this module
+# Nothing more at module level: spawn imports this module again in each tokenizing worker (as
+# __mp_main__), which needs none of the parent's tools (fsspec, tqdm, the shard writer).
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from data_tools.cli import add_output_args
+
     ap = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True, help="files or globs (local or fsspec URLs)")
     ap.add_argument("--tokenizer", required=True,
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from data_tools.cli import Progress, check_output_args
+    from md4_dist.data.sharding import shard_corpus
+
     ap = build_parser()
     args = ap.parse_args(argv)
     check_output_args(ap, args)
@@ -73,4 +78,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from data_tools.cli import run
+
     sys.exit(run(main))

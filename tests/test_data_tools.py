@@ -229,6 +229,11 @@ def test_shard_tool_imports_no_torch(corpus, tokenizer, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
     assert load_manifest(str(tmp_path / "o")).splits["train"].sequences > 0
+    # what each worker imports again as its __main__: not even the parent's tools
+    r = subprocess.run([sys.executable, "-c", "import sys, data_tools.shard; print(sorted(m for m in "
+                        "('torch', 'webdataset', 'fsspec', 'tqdm', 'numpy') if m in sys.modules))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_shards_are_the_bytes_webdatasets_writer_writes(tmp_path):
