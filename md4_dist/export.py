@@ -19,12 +19,16 @@ from md4_dist.inference.consolidate import open_checkpoint
 from md4_dist.inference.pretrained import CONFIG, export
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m md4_dist.export", description=__doc__.split("\n\n")[0])
     cli.add_checkpoint_args(ap)
     ap.add_argument("--out", required=True, help="output directory: local path, s3://, gs://")
     ap.add_argument("--overwrite", action="store_true", help="replace a model already exported to --out")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     held = list_dir(args.out)
     if held and not args.overwrite:
         raise FileExistsError(f"--out {args.out} is not empty; pass --overwrite to replace the model "
