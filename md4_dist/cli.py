@@ -24,8 +24,8 @@ def run(main, argv=None) -> int:
         return 2
 
 
-def add_checkpoint_args(ap) -> None:
-    ap.add_argument("--checkpoint", required=True,
+def add_checkpoint_args(ap, required: bool = True) -> None:
+    ap.add_argument("--checkpoint", required=required,
                     help="a run directory (its latest checkpoint) or one checkpoint directory; "
                          "local path, s3://, gs://")
     ap.add_argument("--no-ema", action="store_true",

@@ -4,11 +4,17 @@ with the standard error of the estimate. One process, CPU or GPU; no Ray, no Dee
     python -m md4_dist.evaluate --checkpoint runs/owt                       # its data's val split
     python -m md4_dist.evaluate --checkpoint runs/owt --data s3://bucket/owt-1024 --split val
     python -m md4_dist.evaluate --checkpoint runs/owt --text wikitext-103/wiki.test.raw.txt
+    python -m md4_dist.evaluate --samples samples.jsonl --oracle data/markov   # exact sample quality
 
 Prints one JSON line: nelbo_bits_per_token, stderr_bits_per_token, ppl_bound (2 ** the bound),
 bits_per_byte (when the text's UTF-8 bytes are known), entropy_bits_per_token and
 gap_bits_per_token (when the manifest gives the corpus's exact entropy), tokens, sequences, and
 what was evaluated. Progress goes to stderr.
+
+`--samples FILE --oracle DATASET` scores the `sample` command's JSON lines instead, exactly, under
+the Markov chain that wrote a `data_tools.synthetic` corpus (md4_dist/inference/oracle.py): the
+mean NLL per token against the chain's entropy, the bigram KL from the chain's, with standard
+errors, and the count of impossible samples. No model is loaded.
 
 Each sequence's NELBO is the mean over `--t-samples` diffusion times, spread antithetically over
 (0, 1] (one draw shifts an evenly spaced grid), each with its own masks: an unbiased estimate whose
@@ -55,7 +61,12 @@ def _manifest_rows(manifest, split: str, batch: int, seed: int, skip: int, limit
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m md4_dist.evaluate", description=__doc__.split("\n\n")[0])
-    cli.add_checkpoint_args(ap)
+    cli.add_checkpoint_args(ap, required=False)  # required unless --samples
+    ap.add_argument("--samples", default=None, metavar="FILE.jsonl",
+                    help="score these samples (the sample command's --out FILE.jsonl) under --oracle "
+                         "instead of evaluating a model")
+    ap.add_argument("--oracle", default=None, metavar="DATASET",
+                    help="with --samples: the data_tools.synthetic corpus whose chain scores them")
     source = ap.add_mutually_exclusive_group()
     source.add_argument("--data", default=None,
                         help="a dataset (directory or manifest.json URL); default: the one the model trained on")
@@ -79,9 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def score_samples(samples: str, oracle: str) -> dict:
+    """`--samples FILE --oracle DATASET`: the oracle's figures for the file's samples."""
+    from md4_dist.data.storage import read_bytes
+    from md4_dist.inference.oracle import chain_of, read_samples, score
+
+    manifest = load_manifest(oracle)
+    chain = chain_of(manifest)
+    tokens = read_samples(samples, read_bytes(samples).decode(), manifest.vocab_size)
+    return score(chain, tokens) | {"samples_file": samples, "oracle": manifest.url}
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.samples is not None or args.oracle is not None:
+        if args.samples is None or args.oracle is None or args.checkpoint is not None:
+            ap.error("--samples and --oracle go together, without --checkpoint")
+        print(json.dumps(score_samples(args.samples, args.oracle)), flush=True)
+        return 0
+    if args.checkpoint is None:
+        ap.error("the following arguments are required: --checkpoint (or --samples with --oracle)")
     if args.t_samples < 1 or args.max_sequences < 0 or args.skip_sequences < 0 or args.batch_size < 1:
         ap.error("--t-samples and --batch-size must be >= 1, --max-sequences and --skip-sequences >= 0")
     dev = cli.device(args.device)

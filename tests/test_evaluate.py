@@ -140,7 +140,7 @@ def test_consolidated_ema_weights_give_the_runs_own_validation_nelbo(run, reques
         assert not torch.equal(trained(x, n.t, n.u)["nelbo"], model(x, n.t, n.u)["nelbo"])
 
 
-def test_samples_follow_the_chain(markov_run, tmp_path):
+def test_samples_follow_the_chain(markov_run, tmp_path, capsys):
     run_dir, data = markov_run
     out = tmp_path / "samples.jsonl"
     r = run_cli("md4_dist.sample", "--checkpoint", str(run_dir), "--num-samples", "64", "--steps", "128",
@@ -160,6 +160,25 @@ def test_samples_follow_the_chain(markov_run, tmp_path):
     print(f"log2-likelihood per token under the chain: samples {got:.3f}, real sequences {want:.3f}, "
           f"tokens drawn independently from the chain's marginal {iid:.3f}")
     assert abs(got - want) < 0.2 * abs(iid - want), "the samples are near the corpus, far from i.i.d."
+
+    # the same samples scored exactly by `evaluate --samples --oracle`
+    status, stdout, err = in_process(evaluate.main, capsys, "--samples", str(out), "--oracle", str(data))
+    assert status == 0, err
+    scored = json.loads(stdout)
+    assert scored["samples"] == 64 and scored["impossible"] == 0 and scored["seq_len"] == 64
+    assert scored["nll_bits_per_token"] == pytest.approx(-got, rel=1e-12)
+    entropy = load_manifest(str(data)).entropy_bits_per_token
+    assert scored["gap_bits_per_token"] == pytest.approx(-got - entropy, rel=1e-9)
+    from md4_dist.inference.oracle import score
+    independent = score(chain, unigram)
+    print(f"oracle: gap {scored['gap_bits_per_token']:.4f} +- {scored['stderr_bits_per_token']:.4f} bits/token, "
+          f"bigram KL {scored['bigram_kl_bits']:.4f} (exact sampler {scored['bigram_kl_exact_sampler_bits']:.4f}, "
+          f"i.i.d. tokens {independent['bigram_kl_bits']:.4f})")
+    assert scored["bigram_kl_bits"] < 0.2 * independent["bigram_kl_bits"]
+    with pytest.raises(SystemExit) as exited:
+        evaluate.main(["--samples", str(out), "--oracle", str(data), "--checkpoint", str(run_dir)])
+    assert exited.value.code == 2
+    assert "--samples and --oracle go together, without --checkpoint" in capsys.readouterr().err
 
     again = run_cli("md4_dist.sample", "--checkpoint", str(run_dir), "--num-samples", "64", "--steps", "128",
                     "--batch-size", "32", "--seed", "3")
