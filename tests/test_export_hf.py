@@ -207,3 +207,24 @@ def test_the_copied_code_imports_only_its_own_files():
                      ("def f():\n    import md4_dist.data\n", "imports md4_dist.data")):
         with pytest.raises(RuntimeError, match=why):
             remote_code._check("x.py", bad)
+
+
+def test_sample_and_evaluate_read_a_tokenizer_json(exported, tmp_path, capsys):
+    """`sample --prefix` and `evaluate --text` with a model whose corpus was tokenized by a Hugging
+    Face tokenizer.json (the checkpoint records it by URL and sha256, as for SentencePiece)."""
+    from md4_dist import evaluate, sample
+
+    ckpt = exported["genmd4"].parent / "checkpoint"
+    out = tmp_path / "samples.jsonl"
+    assert cli.run(sample.main, ["--checkpoint", str(ckpt), "--num-samples", "2", "--steps", "4",
+                                 "--prefix", PREFIX, "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert r["tokens"][:3] == [WORDS.index(w) for w in PREFIX.split()] and r["text"].startswith(PREFIX), r
+    text = tmp_path / "doc.txt"
+    text.write_text("the cat sat on the mat " * 20)
+    capsys.readouterr()
+    assert cli.run(evaluate.main, ["--checkpoint", str(ckpt), "--text", str(text), "--t-samples", "2"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["sequences"] == -(-121 // L) and got["bits_per_byte"] > 0, got  # 120 words and an EOS
