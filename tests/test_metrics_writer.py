@@ -87,3 +87,24 @@ def test_tensorboard_reads_the_run_on_s3(s3_bucket, s3_endpoint, monkeypatch):
     acc = EventAccumulator(f"{s3_bucket}/run/tensorboard")
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_custom_scalars_layout_puts_training_first(tmp_path):
+    """TensorBoard orders tag groups by name (data/ first); the Custom Scalars tab shows the layout
+    every writer records, read back here with TensorBoard's own reader and layout proto."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    w = MetricsWriter(str(tmp_path / "run"))
+    w.write({"step": 1, "loss": 2.0, "nelbo_bits_per_token": 3.0, "tokens_per_s": 10.0})
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    got = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    assert [c.title for c in got.category] == ["train", "val", "perf", "schedule", "data"]
+    train = got.category[0].chart
+    assert [c.title for c in train[:2]] == ["loss", "nelbo_bits_per_token"]
+    assert list(train[0].multiline.tag) == ["train/loss"]
+    assert list(train[1].multiline.tag) == ["train/nelbo_bits_per_token", "val/nelbo_bits_per_token"]
+    assert sorted(acc.Tags()["scalars"]) == ["perf/tokens_per_s", "train/loss", "train/nelbo_bits_per_token"]

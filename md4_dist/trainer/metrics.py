@@ -71,6 +71,24 @@ TAGS = {
 }
 
 
+# TensorBoard orders tag groups by name (data/ first); its Custom Scalars tab shows this layout,
+# the groups in the order a user reads them, training's loss and NELBO first.
+GROUP_ORDER = ("train", "val", "perf", "schedule", "data")
+NOT_SCALARS = ("exponents", "samples")
+
+
+def layout() -> dict:
+    """{group: {chart: ["Multiline", [tags]]}}, for SummaryWriter.add_custom_scalars: one chart
+    per scalar in TAGS order, and the training and validation NELBO together."""
+    charts = {group: {} for group in GROUP_ORDER}
+    for name, t in TAGS.items():
+        if name not in NOT_SCALARS:
+            group, title = t.split("/", 1)
+            charts[group][title] = ["Multiline", [t]]
+    charts["train"]["nelbo_bits_per_token"][1].append(TAGS["val_nelbo_bits_per_token"])
+    return charts
+
+
 def tag(name: str) -> str:
     """The grouped tag of a record name (TAGS)."""
     try:
@@ -174,6 +192,7 @@ class MetricsWriter:
             with open(self.path, "w") as f:
                 f.writelines(kept)
         self.tb = SummaryWriter(self.files.path("tensorboard"), purge_step=start_step)
+        self.tb.add_custom_scalars(layout())
         self.uploads = BackgroundUploads(self.files) if self.files.remote else None
 
     def write(self, record: dict, histograms: dict | None = None, texts: dict | None = None) -> None:
