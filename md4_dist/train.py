@@ -33,6 +33,10 @@ from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precis
 from md4_dist.trainer.run_lock import RunLocked, take as take_run_lock
 
 
+# Config keys a resumed run may change: they leave the trained numbers as they were.
+MAY_CHANGE = ("cluster.", "logging.profile_steps", "logging.profile_all_ranks", "logging.wandb.")
+
+
 def absolute(url: str) -> str:
     """Local paths made absolute: Ray workers run in directories of their own."""
     return url if "://" in url else os.path.abspath(url)
@@ -89,8 +93,9 @@ def prepare(cfg: Config) -> Config:
             raise ConfigError(f"{saved}: {e}") from None
         # without its secrets (storage keys): a rotated key resumes the run
         before = to_dict(was)
-        # The cluster may change between attempts (the checkpoint is resharded); nothing else may.
-        differ = [k for k in _differences(before, now) if not k.startswith("cluster.")]
+        # The cluster may change between attempts (the checkpoint is resharded), and what the run
+        # shows beside its records (a profile, W&B); nothing else may.
+        differ = [k for k in _differences(before, now) if not k.startswith(MAY_CHANGE)]
         if "train.steps" in differ:
             old, new = before["train"]["steps"], now["train"]["steps"]
             others = [k for k in differ if k != "train.steps"]

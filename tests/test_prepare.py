@@ -67,3 +67,13 @@ def test_another_train_steps_is_refused_saying_why_and_what_to_do(tmp_path, tiny
             "train.steps = 300") in msg
     assert msg.endswith(" (also differing: optim.lr)") == bool(sets)
     assert (run / "config.json").read_text() == before
+
+
+def test_a_resumed_run_may_add_a_profile_and_wandb_but_not_change_what_it_trains(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    prepare(tiny(run, tiny_data))
+    prepare(tiny(run, tiny_data, "logging.profile_steps=[3, 4]", "logging.profile_all_ranks=true",
+                 "logging.wandb.enabled=true", "logging.wandb.mode=offline", "cluster.num_workers=1"))
+    assert f"resuming the run in {run}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"another config \(differing: logging.every\)"):
+        prepare(tiny(run, tiny_data, "logging.every=3"))
