@@ -11,7 +11,9 @@ For the same weights, tokens and noise (so the same masks):
 2. masked rows against full logits, on the GPU in float32 (TF32 off): the loss and every gradient
    of `Denoiser.masked_stats` (the output layer at the masked rows only, chunked) against the
    plain path through logits [B, L, V] (`tests/full_logits.py`, the tests' own). Pass: loss
-   within 1e-5 relative, each gradient within 1e-3 of its largest entry.
+   within 1e-5 relative, each gradient within 1e-3 of its largest entry. Twice: the output
+   layer's backward recomputing the logits (the default) and reading the forward's
+   (train.head_keeps_logits).
 3. compiled against eager training (with --compile other than off): 10 optimizer steps of the
    trainer's step (lr 1e-3, so the weights move) from the same weights, batches and noise, at each
    ZeRO stage given, compiled and not. Pass: every step's loss within 1e-2 relative. The eager
@@ -44,6 +46,7 @@ from throughput import SEQ_LEN, SHAPES, batches, config, require_gpu, set_up_dis
 from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import masks_per_sequence, objective  # noqa: E402
 from md4_dist.diffusion_model import DiffusionModel  # noqa: E402
+from md4_dist.output_head import HeadKernels  # noqa: E402
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition  # noqa: E402
 from tests.full_logits import FullLogits  # noqa: E402
 
@@ -91,9 +94,10 @@ def compiled_against_eager(name, zero, batch, mode, model) -> dict:
             "eager_moved_relative": moved, "pass": worst <= 1e-2}
 
 
-def masked_against_full(cfg, model, x, noise) -> dict:
+def masked_against_full(cfg, model, x, noise, keep_logits: bool = False) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 proper
     m = copy.deepcopy(model).cuda()
+    m.denoiser.out.kernels = HeadKernels(keep_logits=keep_logits)  # as train.head_keeps_logits
     params = list(m.parameters())
     noise = type(noise)(noise.t.cuda(), noise.u.cuda())
     fused = objective(cfg.diffusion, m.denoiser, m.schedule, x.cuda(), noise=noise)
@@ -105,8 +109,9 @@ def masked_against_full(cfg, model, x, noise) -> dict:
         if a is None and b is None:
             continue
         worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
-    return {"loss_masked": fused.loss.item(), "loss_full": plain.loss.item(), "loss_relative": loss_rel,
-            "grad_worst_relative": worst, "pass": loss_rel <= 1e-5 and worst <= 1e-3}
+    return {"head_keeps_logits": keep_logits, "loss_masked": fused.loss.item(), "loss_full": plain.loss.item(),
+            "loss_relative": loss_rel, "grad_worst_relative": worst,
+            "pass": loss_rel <= 1e-5 and worst <= 1e-3}
 
 
 def main(argv=None) -> int:
@@ -131,15 +136,18 @@ def main(argv=None) -> int:
         result = {"model": name, "batch": args.batch, "seq_len": SEQ_LEN, "compile": args.compile,
                   "device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                   "command": " ".join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
-                  "masked_vs_full": masked_against_full(cfg, model, x, noise)}
+                  "masked_vs_full": [masked_against_full(cfg, model, x, noise, keep)
+                                     for keep in (False, True)]}
         with torch.no_grad():
             want = model(x, noise.t, noise.u)["loss"].item()  # float32, CPU
         result["bf16_vs_fp32"] = [bf16_against_fp32(config(name, z, args.batch, args.compile), model, x,
                                                      noise, want) for z in args.zero]
-        m = result["masked_vs_full"]
-        print(f"{name}: masked rows vs full logits (fp32 GPU): loss {m['loss_relative']:.1e}, worst "
-              f"gradient {m['grad_worst_relative']:.1e} {'pass' if m['pass'] else 'FAIL'}", flush=True)
-        ok &= m["pass"]
+        for m in result["masked_vs_full"]:
+            backward = "kept logits" if m["head_keeps_logits"] else "recomputed logits"
+            print(f"{name}: masked rows ({backward}) vs full logits (fp32 GPU): loss "
+                  f"{m['loss_relative']:.1e}, worst gradient {m['grad_worst_relative']:.1e} "
+                  f"{'pass' if m['pass'] else 'FAIL'}", flush=True)
+            ok &= m["pass"]
         for b in result["bf16_vs_fp32"]:
             print(f"{name}: ZeRO-{b['zero_stage']} bf16 GPU loss {b['loss_bf16_gpu']:.5f} vs fp32 CPU "
                   f"{b['loss_fp32_cpu']:.5f}: relative {b['relative']:.2e} {'pass' if b['pass'] else 'FAIL'}",

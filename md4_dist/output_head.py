@@ -7,6 +7,12 @@ the softmax too. `head_stats` keeps one chunk of rows' logits at a time, in the 
 in the backward (recomputed there), so memory is O(chunk x V) and only the rows it is given (the
 masked positions) are ever projected.
 
+`HeadKernels(keep_logits=True)` (train.head_keeps_logits) trades that memory for time: the
+forward keeps every chunk's logits (N x V_pad in the compute dtype: 2 bytes each in bf16, about
+0.8 GB for 8192 masked rows of the GPT-2 vocabulary, twice that for GenMD4's two masks) and the
+backward reads them instead of recomputing them, so it runs two V-wide products instead of three.
+The saved logits are the very tensor the recompute would make, so the gradients are the same.
+
 The weight has V_pad >= V rows, V_pad a multiple of 128: cuBLAS's fast tensor-core kernels need
 aligned leading dimensions, and V = 50257 is odd (unaligned, the projection ran about 4x slower
 on an H100). Logits past V are never read; the padding rows get zero gradient.
@@ -65,11 +71,14 @@ def grad_logits(logits, x, w, lse, expected, g_lse, g_target, g_expected, vocab:
 
 
 class HeadKernels:
-    """The two reductions, eager or compiled (dynamic in the row count, which varies per step)."""
+    """How the head runs: the two reductions eager or compiled (dynamic in the row count, which
+    varies per step), and whether the backward reads the forward's logits (`keep_logits`) or
+    recomputes them."""
 
-    def __init__(self, compiled: bool = False):
+    def __init__(self, compiled: bool = False, keep_logits: bool = False):
         wrap = (lambda f: torch.compile(f, dynamic=True)) if compiled else (lambda f: f)
         self.reduce, self.grad = wrap(reduce_logits), wrap(grad_logits)
+        self.keep_logits = keep_logits
 
 
 EAGER = HeadKernels()
@@ -79,32 +88,39 @@ class _HeadStats(torch.autograd.Function):
     # Under autocast the backward's products run in the forward's precision too.
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, x, w, vocab, chunk, kernels):
-        # h [N, D], weight [V_pad, D], x [N] targets, w [V] (or None: MD4)
+    def forward(ctx, h, weight, x, w, vocab, chunk, kernels, keep):
+        # h [N, D], weight [V_pad, D], x [N] targets, w [V] (or None: MD4); keep: save each
+        # chunk's logits for the backward
         N, acc = h.shape[0], _acc(h.dtype)
         lse, target, expected = (torch.zeros(N, dtype=acc, device=h.device) for _ in range(3))
+        kept = []
         for a in range(0, N, chunk):
             s = slice(a, a + chunk)
-            out = kernels.reduce(h[s] @ weight.t(), x[s], w, vocab)
+            logits = h[s] @ weight.t()  # [n, V_pad]
+            out = kernels.reduce(logits, x[s], w, vocab)
             lse[s], target[s] = out[0], out[1]
             if w is not None:
                 expected[s] = out[2]
-        ctx.save_for_backward(h, weight, x, w, lse, expected)
+            if keep:
+                kept.append(logits)
+        ctx.save_for_backward(h, weight, x, w, lse, expected, *kept)
         ctx.vocab, ctx.chunk, ctx.kernels = vocab, chunk, kernels
         return lse, target, expected
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g_lse, g_target, g_expected):
-        h, weight, x, w, lse, expected = ctx.saved_tensors
+        h, weight, x, w, lse, expected, *kept = ctx.saved_tensors
         N, acc = h.shape[0], lse.dtype
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_weight = None
         grad_w = torch.zeros_like(w) if w is not None and ctx.needs_input_grad[3] else None
-        for a in range(0, N, ctx.chunk):
+        for i, a in enumerate(range(0, N, ctx.chunk)):
             s = slice(a, a + ctx.chunk)
-            g, gw = ctx.kernels.grad(h[s] @ weight.t(), x[s], w, lse[s], expected[s], g_lse[s],
-                                     g_target[s], g_expected[s], ctx.vocab)
+            logits = kept[i] if kept else h[s] @ weight.t()  # [n, V_pad], as the forward's
+            g, gw = ctx.kernels.grad(logits, x[s], w, lse[s], expected[s], g_lse[s], g_target[s],
+                                     g_expected[s], ctx.vocab)
+            del logits  # a recomputed chunk's memory is free for the products
             if grad_h is not None:
                 grad_h[s] = g @ weight
             if ctx.needs_input_grad[1]:
@@ -118,7 +134,7 @@ class _HeadStats(torch.autograd.Function):
         if grad_weight is None and ctx.needs_input_grad[1]:
             grad_weight = torch.zeros_like(weight)  # no rows
         return grad_h, None if grad_weight is None else grad_weight.to(weight.dtype), None, grad_w, \
-            None, None, None
+            None, None, None, None
 
 
 def head_stats(h: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, vocab: int,
@@ -127,10 +143,16 @@ def head_stats(h: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, vocab: in
     """For rows h [N, D] of the final hidden state, the output weight [V_pad, D] (rows past
     `vocab` are padding), targets x [N] and (GenMD4) exponents w [V]: logsumexp of the logits,
     the target's logit, and sum_j w_j p_j, each [N] in float32 (float64 for float64 h),
-    differentiable in h, weight and w; the logits never exist whole."""
+    differentiable in h, weight and w; the logits never exist whole, unless
+    `kernels.keep_logits` keeps them (all N rows, chunk by chunk) for the backward where a
+    gradient will be taken."""
     if w is not None:
         w = w.to(_acc(h.dtype))
-    lse, target, expected = _HeadStats.apply(h, weight, x, w, vocab, chunk or CHUNK, kernels)
+    # Function.forward runs without grad mode and reports needs_input_grad even under no_grad:
+    # whether the logits are worth keeping is decided here (validation keeps none)
+    keep = kernels.keep_logits and torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (h, weight, w))
+    lse, target, expected = _HeadStats.apply(h, weight, x, w, vocab, chunk or CHUNK, kernels, keep)
     return lse, target, (expected if w is not None else None)
 
 

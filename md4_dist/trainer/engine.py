@@ -17,6 +17,7 @@ import torch
 from md4_dist.config import Config
 from md4_dist.diffusion_model import DiffusionModel
 from md4_dist.model import Block
+from md4_dist.output_head import HeadKernels
 from md4_dist.trainer.ds_config import deepspeed_config
 
 
@@ -26,6 +27,12 @@ def build_model(cfg: Config) -> DiffusionModel:
 
     torch.manual_seed(cfg.train.seed)
     model = DiffusionModel(cfg.model, cfg.diffusion)
+    # The output layer's reductions, fused by torch.compile with train.compile (DeepCompile takes
+    # them with the whole module), and its backward reading the forward's logits with
+    # train.head_keeps_logits
+    model.denoiser.out.kernels = HeadKernels(
+        compiled=cfg.train.compile != "off" and not cfg.deepspeed.deepcompile,
+        keep_logits=cfg.train.head_keeps_logits)
     if cfg.deepspeed.deepcompile:
         return model  # DeepCompile takes the whole module as one graph: no per-block hooks
     if cfg.deepspeed.zero_stage == 3:
@@ -38,7 +45,6 @@ def build_model(cfg: Config) -> DiffusionModel:
             # the forward only: ZeRO-3's hooks around it stay eager
             block.forward = _when_training(torch.compile(block.forward, mode=cfg.train.compile),
                                            block.forward)
-        model.denoiser.out.compile()
     return model
 
 

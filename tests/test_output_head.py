@@ -1,0 +1,147 @@
+"""The output layer's backward with the forward's logits kept (train.head_keeps_logits): the same
+values and gradients as the recompute path, bit for bit, one V-wide product fewer."""
+
+import weakref
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from md4_dist import output_head
+from md4_dist.config import config_from_dict
+from md4_dist.output_head import HeadKernels, head_stats, padded_vocab
+
+V, D = 50, 16
+
+
+def _head_inputs(n: int, genmd4: bool):
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, D, generator=g, requires_grad=True)
+    weight = (torch.randn(padded_vocab(V), D, generator=g) * 0.5).requires_grad_()
+    x = torch.randint(0, V, (n,), generator=g)
+    w = (torch.rand(V, generator=g) + 0.5).requires_grad_() if genmd4 else None
+    ups = [torch.randn(n, generator=g) for _ in range(3)]  # the loss's weights of lse, target, expected
+    return h, weight, x, w, ups
+
+
+def _values_grads_flops(kernels, n, genmd4, chunk):
+    h, weight, x, w, ups = _head_inputs(n, genmd4)
+    lse, target, expected = head_stats(h, weight, x, V, w, kernels, chunk)
+    loss = (lse * ups[0]).sum() + (target * ups[1]).sum()
+    if genmd4:
+        loss = loss + (expected * ups[2]).sum()
+    saved = len(lse.grad_fn.saved_tensors)
+    inputs = [h, weight] + ([w] if genmd4 else [])
+    with FlopCounterMode(display=False) as flops:
+        grads = torch.autograd.grad(loss, inputs)
+    values = [lse, target] + ([expected] if genmd4 else [])
+    return [v.detach() for v in values], grads, flops.get_total_flops(), saved
+
+
+@pytest.mark.parametrize("genmd4", [False, True], ids=["md4", "genmd4"])
+@pytest.mark.parametrize("n,chunk", [(23, 7), (23, 64), (0, 7)], ids=["uneven-chunks", "one-chunk", "no-rows"])
+def test_kept_logits_give_the_recompute_paths_values_and_gradients_exactly(genmd4, n, chunk):
+    """float32 on the CPU: the values and grad_h, grad_W, grad_w equal (torch.equal) those of the
+    recompute path, across uneven chunks (7 + 7 + 7 + 2 rows), one chunk and no rows; the kept
+    path saves one logits tensor per chunk and its backward runs two of the recompute path's three
+    V-wide products."""
+    recompute = _values_grads_flops(HeadKernels(), n, genmd4, chunk)
+    kept = _values_grads_flops(HeadKernels(keep_logits=True), n, genmd4, chunk)
+    for a, b in zip(kept[0] + list(kept[1]), recompute[0] + list(recompute[1])):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    chunks = -(-n // chunk)
+    assert kept[3] == recompute[3] + chunks
+    if n:
+        assert kept[1][0].abs().sum() > 0 and kept[1][1].abs().sum() > 0  # not vacuous
+        product = 2 * n * padded_vocab(V) * D
+        assert recompute[2] - kept[2] == product  # the recompute's h @ W^T, nothing else
+        assert kept[2] == 2 * product
+
+
+class _Watched(HeadKernels):
+    """HeadKernels that note, at each chunk's reduction, how many earlier chunks' logits are
+    still alive (held for the backward)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.chunks, self.alive = [], []
+        reduce = self.reduce
+
+        def watched(logits, *args):
+            self.alive.append(sum(r() is not None for r in self.chunks))
+            self.chunks.append(weakref.ref(logits))
+            return reduce(logits, *args)
+
+        self.reduce = watched
+
+
+def test_no_logits_kept_where_no_gradient_is_taken():
+    """Under no_grad (validation, samples) or without inputs that need a gradient, the forward
+    holds one chunk's logits at a time, as the recompute path does; where a gradient will be
+    taken it holds every earlier chunk's."""
+    h, weight, x, w, _ = _head_inputs(23, True)
+    for grad, args, holds in [(False, (h, weight, w), 0), (True, (h.detach(), weight.detach(), w.detach()), 0),
+                              (True, (h, weight, w), None)]:
+        kernels = _Watched(keep_logits=True)
+        with torch.set_grad_enabled(grad):
+            out = head_stats(args[0], args[1], x, V, args[2], kernels, 7)
+        assert kernels.alive == ([0, 0, 0, 0] if holds == 0 else [0, 1, 2, 3])
+        del out
+
+
+TINY = {"model": {"vocab_size": 50, "dim": 32, "n_layers": 2, "n_heads": 4, "time_dim": 16},
+        "data": {"manifest": "unused", "seq_len": 12},
+        "train": {"global_batch": 4, "micro_batch": 4, "ema": 0.0},
+        "deepspeed": {"zero_stage": 1, "precision": "fp32"}}
+
+
+def _trainer_step_grads(kind: str, sets: list[str]):
+    """The gradients of one micro-batch through the trainer's module (`engine.build_model`, which
+    DeepSpeed wraps) and the trainer's inputs: its forward is the objective."""
+    from md4_dist.diffusion.objectives import masks_per_sequence
+    from md4_dist.trainer.engine import build_model
+    from md4_dist.trainer.inputs import model_inputs
+    from md4_dist.trainer.noise import TRAIN, NoiseByPosition
+
+    diffusion = {"kind": kind, "schedule": "learnable_poly" if kind == "genmd4" else "cosine"}
+    cfg = config_from_dict(TINY | {"diffusion": diffusion}, sets)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():  # the zero-initialised layers, or the logits would all be 0
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    noise = NoiseByPosition(0, TRAIN, 4, 12, masks_per_sequence(cfg.diffusion), True, torch.device("cpu"))
+    batch = {"tokens": torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(1)),
+             "positions": torch.arange(4)}
+    inputs, _ = model_inputs(batch, noise, torch.device("cpu"))
+    out = model(*inputs)
+    out["loss"].backward()
+    return model, out["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["md4", "genmd4"])
+def test_trainer_step_with_head_keeps_logits_has_the_same_gradients(kind, monkeypatch):
+    """train.head_keeps_logits=true reaches the output layer through the trainer's model, and a
+    micro-batch's loss and every parameter's gradient (the exponents' too, for GenMD4) equal the
+    default's exactly, in float32 across uneven chunks."""
+    monkeypatch.setattr(output_head, "CHUNK", 7)  # 4 x 12 tokens: several chunks, a short last one
+    base_model, base_loss, base = _trainer_step_grads(kind, [])
+    model, loss, grads = _trainer_step_grads(kind, ["train.head_keeps_logits=true"])
+    assert model.denoiser.out.kernels.keep_logits and not base_model.denoiser.out.kernels.keep_logits
+    assert torch.equal(loss, base_loss)
+    assert grads.keys() == base.keys()
+    for name, g in grads.items():
+        assert g is not None and torch.equal(g, base[name]), name
+    assert grads["denoiser.out.weight"].abs().sum() > 0
+    if kind == "genmd4":
+        assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("schedule."))
+
+
+def test_compiled_head_kernels_with_kept_logits_equal_recompute():
+    """With train.compile's fused reductions (HeadKernels(compiled=True), dynamic in rows) the
+    kept path's gradients still equal the recompute path's exactly, at two row counts."""
+    for n in (23, 41):
+        recompute = _values_grads_flops(HeadKernels(compiled=True), n, True, 7)
+        kept = _values_grads_flops(HeadKernels(compiled=True, keep_logits=True), n, True, 7)
+        for a, b in zip(kept[0] + list(kept[1]), recompute[0] + list(recompute[1])):
+            assert torch.equal(a, b)
