@@ -6,7 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext
 R=$OUT/results; mkdir -p $R
 T="python3 benchmarks/throughput.py --paths trainer --out $R"
-timeout 200 python3 -m md4_dist.train configs/tiny.json --set cluster.use_gpu=true --set cluster.num_workers=1 \
+timeout 200 python3 -m md4_dist.train configs/tiny.json --set cluster.check_pins=false --set cluster.use_gpu=true --set cluster.num_workers=1 \
   --set deepspeed.precision=bf16 --set train.steps=200 --set train.run_dir=/tmp/gpu_run --set data.manifest=/tmp/gpu_data \
   --set logging.every=50 2>&1 | tail -15 | tee $OUT/b_train.log
 cp /tmp/gpu_run/metrics.jsonl $OUT/b_metrics.jsonl 2>/dev/null
