@@ -8,7 +8,8 @@ Writes the decoded text of each sample (a header line before each) to stdout or 
 a FILE ending in .jsonl gets one {"sample", "tokens", "text"} object per line instead. A sample
 spans the model's sequence length and may hold several documents: their text is separated by a
 blank line, where the model put an EOS. Models of token-id corpora (no tokenizer) give the ids.
-`--prefix` fixes a sample's first tokens to the prefix's and generates the rest.
+`--prefix` fixes a sample's first tokens to the prefix's and generates the rest. On a GPU the model
+runs under bf16 autocast (`--precision`), its trunk compiled with `--compile`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from md4_dist import cli
 from md4_dist.inference.consolidate import open_checkpoint
 from md4_dist.data.storage import exists, write_bytes
-from md4_dist.sampling import SAMPLERS, generate, prefix_condition, row_seeds
+from md4_dist.sampling import PRECISIONS, SAMPLERS, generate, prefix_condition, row_seeds
 from md4_dist.tokenizer import decode, load_tokenizer
 
 
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run the model one sample at a time, so that a sample does not depend on "
                          "--batch-size (slower)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="the model's arithmetic: bf16 (autocast) or fp32; auto: bf16 on a GPU, fp32 "
+                         "on the CPU. The sampling itself is float32 (default: %(default)s)")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the model's trunk with torch.compile (pays on a GPU for many steps)")
     ap.add_argument("--grid", choices=("cosine", "uniform"), default="cosine",
                     help="the times of the steps (default: %(default)s)")
     ap.add_argument("--prefix", default=None, help="text every sample starts with")
@@ -103,8 +109,8 @@ def main(argv=None) -> int:
             out = generate(model.denoiser, model.schedule, n, L, args.steps, sampler=args.sampler,
                            top_p=args.top_p, threshold=args.threshold, temperature=args.temperature,
                            grid=args.grid, device=dev, seeds=row_seeds(args.seed, len(samples), n),
-                           batch_invariant=args.batch_invariant,
-                           eos_id=eos_id if args.stop_at_eos else None,
+                           batch_invariant=args.batch_invariant, precision=args.precision,
+                           compile=args.compile, eos_id=eos_id if args.stop_at_eos else None,
                            given=None if given is None else given[:n].to(dev),
                            fixed=None if fixed is None else fixed[:n].to(dev))
             samples += out.tokens.cpu().tolist()

@@ -10,6 +10,8 @@ conditioning on given tokens (prefix, infilling), per-row seeds and stopping at 
     out = generate(denoiser, schedule, 8, 1024, steps=1024, sampler="threshold", threshold=0.9,
                    seeds=row_seeds(0, first_row=0, n=8), batch_invariant=True, eos_id=eos)
     out.tokens, out.denoiser_calls, out.calls_per_row
+    # on a GPU: bf16 autocast by default; the trunk compiled
+    tokens = sample(denoiser, schedule, 64, 1024, 256, device="cuda", precision="bf16", compile=True)
 
 Samplers (docs/math.md, "Sampling"):
 - "ancestral" (MD4): from t to s < t each masked position n becomes token j with probability
@@ -29,6 +31,18 @@ Samplers (docs/math.md, "Sampling"):
   on all ranks, every rank must draw the same rows (the trainer's samples use "ancestral").
 Unmasked positions never change, so given tokens are kept.
 
+Cost. The denoiser's trunk runs over the whole sequence (attention needs it), but only the rows
+a step can change are projected to V: the masked positions for the ordered and threshold
+samplers; for ancestral and top-p only the masked positions whose uniform lies below the step's
+largest unmasking fraction (alpha_s - alpha_t) / (1 - alpha_t), about L / steps per row per step,
+since above it a position stays masked whatever the logits (the bound allows for float32's
+rounding, so the draws are exactly those from every row's logits). The softmax, top-p,
+cumulative sums and scores are float32, `CHUNK` rows at a time. This needs a model with `hidden`
+and `out` (model.Denoiser): only the chosen rows' logits exist, in the model's dtype; any other
+callable gives its [N, L, V] logits, of which the rows are taken, and so does `full_logits=True`. `precision="bf16"`
+(the default on a GPU) runs the denoiser under bf16 autocast; `compile=True` compiles its trunk,
+whose shape does not change from step to step.
+
 Randomness: `generator` (one stream for the batch) or `seeds` (one stream per row, see
 `row_seeds`). A row's draws then depend only on its own seed; with `batch_invariant=True` the
 denoiser also runs row by row, since on the CPU small-batch GEMMs (the denoiser's time MLP) round
@@ -45,6 +59,7 @@ Row by row costs throughput on a GPU: one forward of one row per row and step.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -53,6 +68,7 @@ import torch
 
 from md4_dist.diffusion.checks import tokens as check_tokens
 from md4_dist.diffusion.schedules import MaskingSchedule
+from md4_dist.output_head import CountLater
 
 # (z_t [B, L], t [B]) -> logits [B, L, V]: what the sampler draws from, e.g. a model.Denoiser
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -60,6 +76,9 @@ LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Literal["ancestral", "topp", "confidence", "margin", "entropy", "threshold"]
 SAMPLERS = ("ancestral", "topp", "confidence", "margin", "entropy", "threshold")
 _ORDERED = ("confidence", "margin", "entropy")
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS = ("auto", "bf16", "fp32")
+CHUNK = 4096  # rows of float32 sampling arithmetic at a time: 4096 x 50257 floats are 0.8 GB
 
 
 @dataclass
@@ -167,15 +186,15 @@ class _Uniforms:
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw per position: probs [N, L, K] (mass may sum to less than 1), u [N, L] ->
+    """Inverse-CDF draw per position: probs [..., K] (mass may sum to less than 1), u [...] ->
     the index of the category u falls in, K where u lies past the mass. Row by row, so a row's
     draw does not depend on the others."""
-    cdf = probs.cumsum(-1)  # [N, L, K]
+    cdf = probs.cumsum(-1)  # [..., K]
     return torch.searchsorted(cdf, u[..., None].to(cdf.dtype), right=True).squeeze(-1)
 
 
 def _scores(probs: torch.Tensor, candidate: torch.Tensor, order: str) -> torch.Tensor:
-    """How sure the denoiser is at each position, [N, L]: higher is surer."""
+    """How sure the denoiser is at each position, probs [..., V] -> [...]: higher is surer."""
     if order == "confidence":
         return probs.gather(-1, candidate[..., None]).squeeze(-1)
     if order == "margin":
@@ -187,7 +206,7 @@ def _scores(probs: torch.Tensor, candidate: torch.Tensor, order: str) -> torch.T
 
 
 def _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, temperature, given,
-           fixed, generator, seeds, eos_id, pad_id):
+           fixed, generator, seeds, eos_id, pad_id, precision):
     V = schedule.vocab_size
     if V is None:
         raise ValueError("the schedule has no vocab_size: build it with vocab_size=V")
@@ -218,6 +237,58 @@ def _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, tem
             raise ValueError(f"{name} must be a token id in [0, {V - 1}], got {value}")
     if pad_id is not None and eos_id is None:
         raise ValueError(f"pad_id ({pad_id}) pads after the first EOS: pass eos_id too")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+
+
+class _RowLogits:
+    """The denoiser's logits at the positions `select` [N, L] (bool) of z_t: (rows [n], logits
+    [n, V]), rows the flat indices into [N, L] in ascending order, the logits in the denoiser's
+    dtype (bf16 under the bf16 precision's autocast).
+
+    A model.Denoiser (anything with hidden(z, t) -> [N, L, D] and out(h [n, D]) -> [n, V]) runs
+    its trunk over the whole sequence, which attention needs, and projects only the selected rows
+    to V, in one call of `out` per trunk call: under ZeRO-3 that call gathers the output weight,
+    so every rank makes the same calls whatever its data. Any other callable, and `full`, computes
+    all [N, L, V] logits (the denoiser's forward) and takes the rows. `compile`: the trunk through
+    torch.compile, at the fixed shape [N, L] (or [1, L] row by row), so the number of rows
+    projected, which changes every step, never recompiles it.
+    """
+
+    def __init__(self, denoiser: LogitsFn, batch_invariant: bool, bf16: bool, full: bool,
+                 compile: bool, device: torch.device):
+        split = (not full and callable(getattr(denoiser, "hidden", None))
+                 and callable(getattr(denoiser, "out", None)))
+        self.trunk = denoiser.hidden if split else denoiser  # [N, L] -> [N, L, D] (split) or [N, L, V]
+        if compile:
+            self.trunk = torch.compile(self.trunk, dynamic=False)
+        self.out = denoiser.out if split else None
+        self.batch_invariant = batch_invariant
+        self.cast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16
+                     else nullcontext)
+
+    def _rows(self, z, t, rows):  # rows(): the rows to project, asked for once the trunk is queued
+        h = self.trunk(z, t).flatten(0, 1)  # [N L, D] or [N L, V]
+        r = rows()
+        return r, (h[r] if self.out is None else self.out(h[r]))
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, select: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.cast():
+            if self.batch_invariant:  # one row at a time: the shapes of a row drawn alone
+                parts = [self._rows(z[k:k + 1], t[k:k + 1], lambda k=k: select[k].nonzero()[:, 0])
+                         for k in range(len(z))]
+                return (torch.cat([r + k * z.shape[1] for k, (r, _) in enumerate(parts)]),
+                        torch.cat([lg for _, lg in parts]))
+            # the selected rows first, without a host sync; the count, read once the trunk is
+            # queued, says where they end (as model.Denoiser.masked_stats)
+            count = CountLater(select)
+            rows = torch.nonzero_static(select.flatten(), size=select.numel(), fill_value=0)[:, 0]
+            return self._rows(z, t, lambda: rows[:count()])
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
 
 
 @torch.no_grad()
@@ -227,7 +298,9 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
              grid: Literal["uniform", "cosine"] = "cosine", given: torch.Tensor | None = None,
              fixed: torch.Tensor | None = None, generator: torch.Generator | None = None,
              seeds: Sequence[int] | None = None, batch_invariant: bool = False,
-             eos_id: int | None = None, pad_id: int | None = None, device=None) -> Generated:
+             eos_id: int | None = None, pad_id: int | None = None, device=None,
+             precision: Precision = "auto", compile: bool = False,
+             full_logits: bool = False) -> Generated:
     """Draw [num_samples, seq_len] int64 tokens in [0, V): no mask id remains.
 
     given [N, L] int64 and fixed [N, L] bool: positions where fixed is True start (and stay) as
@@ -236,9 +309,16 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
     position after a row's first generated EOS becomes `pad_id` (default: eos_id itself); the
     draws are untouched, so the tokens up to that EOS are those drawn without it. Deterministic
     for a seeded generator or given seeds.
+
+    `precision`: "bf16" runs the denoiser under bf16 autocast, "fp32" as it is, "auto" bf16 on a
+    CUDA device and fp32 elsewhere; the sampling arithmetic is float32 either way. `compile`:
+    the denoiser's trunk through torch.compile. `full_logits`: project every position to V, as
+    the denoiser's forward does, instead of only the rows a step can change (the reference the
+    tests hold the default against; the draws are the same up to the rounding of the output
+    layer's product for another number of rows).
     """
     _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, temperature, given,
-           fixed, generator, seeds, eos_id, pad_id)
+           fixed, generator, seeds, eos_id, pad_id, precision)
     V = schedule.vocab_size
     shape = (num_samples, seq_len)
     z = torch.full(shape, V, dtype=torch.int64, device=device)
@@ -251,29 +331,41 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
     free = z == V  # [N, L]: the positions to generate
     uniforms = _Uniforms(num_samples, seq_len, z.device, generator, seeds)
     dtype = torch.float32
-
-    def logits_at(z, t):  # [N, L, V] in float32
-        if batch_invariant:
-            return torch.cat([denoiser(z[k:k + 1], t[k:k + 1]).to(dtype) for k in range(len(z))])
-        return denoiser(z, t).to(dtype)
+    bf16 = precision == "bf16" or (precision == "auto" and z.device.type == "cuda")
+    logits_at = _RowLogits(denoiser, batch_invariant, bf16, full_logits, compile, z.device)
 
     calls_per_row = torch.zeros(num_samples, dtype=torch.int64, device=z.device)
     calls = 0
     if sampler in ("ancestral", "topp"):
         times = time_grid(steps, grid)
+        flat = z.view(-1)  # z changes in place through it
+        # A masked position is unmasked from t to s with total probability sum_j p_j ratio_j <=
+        # max_j ratio_j: where its uniform lies above that bound the draw leaves it masked
+        # whatever the logits, so only the rows below are projected. The slack covers float32's
+        # rounding in the softmax, top-p's renormalisation and the cumulative sum over V terms
+        # (each under V * eps/2 relative), so the draws are exactly those of all masked rows.
+        slack = 1.0 + 8 * V * torch.finfo(dtype).eps
         for i in range(steps):
             t, s = float(times[i]), float(times[i + 1])
             a_t = _alpha(schedule, t, num_samples, z.device, dtype)
             a_s = _alpha(schedule, s, num_samples, z.device, dtype)
-            probs = torch.softmax(logits_at(z, torch.full((num_samples,), t, device=z.device)), -1)
-            if sampler == "topp":
-                probs = top_p_filter(probs, top_p)
-            to_token = probs * ((a_s - a_t) / (1.0 - a_t))  # [N, L, V]: unmask as token j
-            choice = _draw(to_token, uniforms())  # [N, L]; V: stays masked
-            z = torch.where(z == V, choice.clamp_(max=V), z)
+            ratio = ((a_s - a_t) / (1.0 - a_t))[:, 0]  # [N, 1] or [N, V]: unmask as token j
+            u = uniforms()  # [N, L]
+            select = z == V
+            if not full_logits:
+                select &= u < ratio.amax(-1, keepdim=True) * slack
+            rows, logits = logits_at(z, torch.full((num_samples,), t, device=z.device), select)
+            choice, row_of = torch.empty_like(rows), rows // seq_len  # [n] each
+            for c in _chunks(len(rows)):  # [c, V] float32 at a time
+                probs = torch.softmax(logits[c], -1, dtype=dtype)
+                if sampler == "topp":
+                    probs = top_p_filter(probs, top_p)
+                choice[c] = _draw(probs * ratio[row_of[c]], u.view(-1)[rows[c]])  # V: stays masked
+            flat[rows] = choice.clamp_(max=V)
         # Always, not only when a mask is left: a data-dependent branch would cost a host sync,
         # and under ZeRO-3 every rank must run the same forwards.
-        z = torch.where(z == V, logits_at(z, torch.zeros(num_samples, device=z.device)).argmax(-1), z)
+        rows, logits = logits_at(z, torch.zeros(num_samples, device=z.device), z == V)
+        flat[rows] = logits.argmax(-1)
         calls = steps + 1
         calls_per_row += calls
     else:
@@ -292,12 +384,20 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
                 t = _time_at_fraction(schedule, fraction.to(torch.float64)).to(dtype)
             else:
                 t = torch.full((num_samples,), float(times[i]), device=z.device)
-            logits = logits_at(z, t)
-            probs = torch.softmax(logits / temperature if temperature > 0 else logits, -1)
             u = uniforms()  # drawn at temperature 0 too: a row's stream is the same either way
-            candidate = (_draw(probs, u).clamp_(max=V - 1) if temperature > 0 else probs.argmax(-1))
-            score = _scores(probs, candidate, "confidence" if sampler == "threshold" else sampler)
-            score = torch.where(masked, score, -math.inf)
+            rows, logits = logits_at(z, t, masked)  # every masked position may change
+            # each masked position's candidate and score; -inf elsewhere: never chosen
+            candidate = torch.zeros(z.numel(), dtype=torch.int64, device=z.device)
+            score = torch.full((z.numel(),), -math.inf, dtype=dtype, device=z.device)
+            for c in _chunks(len(rows)):  # [c, V] float32 at a time
+                lg = logits[c] if temperature in (0, 1) else logits[c].to(dtype) / temperature
+                probs = torch.softmax(lg, -1, dtype=dtype)
+                cand = (_draw(probs, u.view(-1)[rows[c]]).clamp_(max=V - 1) if temperature > 0
+                        else probs.argmax(-1))
+                candidate[rows[c]] = cand
+                score[rows[c]] = _scores(probs, cand,
+                                         "confidence" if sampler == "threshold" else sampler)
+            candidate, score = candidate.view(shape), score.view(shape)
             if sampler == "threshold":
                 best = torch.zeros_like(masked).scatter_(-1, score.argmax(-1, keepdim=True), True)
                 chosen = masked & ((score >= threshold) | best | (i == steps - 1))

@@ -242,3 +242,109 @@ def test_batch_invariance_on_the_gpu(dtype):
         for k in (0, 3):
             alone = sample(den, sched, 1, L, 6, seeds=seeds[k:k + 1], **kw)
             assert torch.equal(alone, five[k:k + 1]), sampler
+
+
+def rows_projected(den):
+    """Record how many rows each call of den's output layer projects to V (a list, appended to)."""
+    counts = []
+    den.out.register_forward_hook(lambda m, args, out: counts.append(out.shape[:-1].numel()))
+    return counts
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_projecting_only_the_rows_a_step_changes_draws_as_the_full_logits(sampler):
+    """By default the real denoiser projects to V only the rows a step can change: the masked
+    ones, and for ancestral and top-p only those whose uniform lies below the step's unmasking
+    fraction; full_logits=True projects every position, as its forward does. In float32 on the
+    CPU both draw the same tokens, for either kind of schedule, with a prefix or infilling, per-row
+    seeds or one generator, row by row or batched, and the default projects far fewer rows."""
+    den = tiny_denoiser()
+    projected = rows_projected(den)
+    given = torch.randint(0, V, (4, L), generator=torch.Generator().manual_seed(5))
+    fixed = torch.rand(4, L, generator=torch.Generator().manual_seed(6)) < 0.3
+    p_given, p_fixed = prefix_condition([5, 6, 7], 4, L)
+    temperature = 1.0 if sampler in ("ancestral", "topp") else 0.8
+    fewer = []
+    for name, (g, f), batch_invariant, seeded in (
+            ("linear", (None, None), False, True), ("learnable_poly", (given, fixed), True, True),
+            ("cosine", (p_given, p_fixed), False, False), ("linear", (given, fixed), True, False)):
+        sched = build(name, vocab_size=V)
+        if name == "learnable_poly":
+            with torch.no_grad():
+                sched.phi.copy_(torch.linspace(-1, 2, V))  # a rate per token: the state-dependent rule
+        kw = dict(sampler=sampler, top_p=0.9, threshold=0.4, temperature=temperature, given=g,
+                  fixed=f, batch_invariant=batch_invariant, eos_id=3)
+        draws = {}
+        for full in (False, True):
+            projected.clear()
+            rng = (dict(seeds=row_seeds(2, 0, 4)) if seeded
+                   else dict(generator=torch.Generator().manual_seed(8)))
+            draws[full] = (generate(den, sched, 4, L, 7, full_logits=full, **kw, **rng),
+                           sum(projected))
+        (rows, n_rows), (full, n_full) = draws[False], draws[True]
+        assert torch.equal(rows.tokens, full.tokens), (name, batch_invariant)
+        assert rows.denoiser_calls == full.denoiser_calls
+        assert torch.equal(rows.calls_per_row, full.calls_per_row)
+        assert n_full == full.denoiser_calls * 4 * L, "full_logits: every position at every call"
+        fewer.append(n_rows / n_full)
+    # ancestral, top-p: about one projection per generated position (7 steps + the fill: 1/8);
+    # the others: every masked position at every call (the cosine grid keeps most masked early)
+    assert max(fewer) < (0.3 if sampler in ("ancestral", "topp") else 0.8), fewer
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_row_alone_equals_the_row_in_any_batch_with_only_its_rows_projected(denoiser, sampler):
+    """The same as above for the real denoiser itself, which projects only the rows a step can
+    change: with batch_invariant a row's trunk and its rows' projection have the shapes of the
+    row drawn alone."""
+    sched = build("linear", vocab_size=V)
+    seeds = row_seeds(12, 0, 5)
+    given, fixed = prefix_condition([4, 5], 5, L)
+    kw = dict(sampler=sampler, threshold=0.4, batch_invariant=True, given=given, fixed=fixed)
+    five = generate(denoiser, sched, 5, L, 5, seeds=seeds, **kw)
+    for rows in ([1, 4], [2]):
+        part = generate(denoiser, sched, len(rows), L, 5, seeds=[seeds[r] for r in rows],
+                        **dict(kw, given=given[rows], fixed=fixed[rows]))
+        assert torch.equal(part.tokens, five.tokens[rows]), rows
+        assert torch.equal(part.calls_per_row, five.calls_per_row[rows])
+    assert len({tuple(r) for r in five.tokens.tolist()}) == 5
+
+
+def test_bf16_runs_the_denoiser_under_autocast_on_the_cpu(denoiser):
+    """precision='bf16' runs the denoiser under bf16 autocast (its logits are bf16) on the CPU too,
+    and every sampler still draws valid tokens and keeps the prefix; 'auto' is float32 on the CPU."""
+    sched = build("learnable_poly", vocab_size=V)
+    given, fixed = prefix_condition([5, 6, 7], 3, L)
+    dtypes = []
+    hook = denoiser.out.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    try:
+        for sampler in SAMPLERS:
+            for precision, dtype in (("bf16", torch.bfloat16), ("auto", torch.float32),
+                                     ("fp32", torch.float32)):
+                dtypes.clear()
+                out = generate(denoiser, sched, 3, L, 6, sampler=sampler, threshold=0.3,
+                               seeds=[1, 2, 3], given=given, fixed=fixed, precision=precision)
+                assert set(dtypes) == {dtype}, (sampler, precision)
+                assert ((out.tokens >= 0) & (out.tokens < V)).all()
+                assert torch.equal(out.tokens[fixed], given[fixed])
+        with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32; got 'fp16'"):
+            sample(denoiser, sched, 2, L, 4, precision="fp16")
+    finally:
+        hook.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_trunk_in_bf16_on_the_gpu():
+    """compile=True (the trunk through torch.compile) in bf16 draws valid tokens, keeps the prefix,
+    and draws the same again for the same seeds, for a batch and row by row."""
+    den = tiny_denoiser().cuda()
+    sched = build("linear", vocab_size=V).cuda()
+    given, fixed = prefix_condition([5, 6], 4, L)
+    for sampler in ("ancestral", "threshold"):
+        for batch_invariant in (False, True):
+            kw = dict(sampler=sampler, threshold=0.4, device="cuda", precision="bf16", compile=True,
+                      given=given.cuda(), fixed=fixed.cuda(), batch_invariant=batch_invariant)
+            a = sample(den, sched, 4, L, 6, seeds=row_seeds(1, 0, 4), **kw)
+            b = sample(den, sched, 4, L, 6, seeds=row_seeds(1, 0, 4), **kw)
+            assert torch.equal(a, b) and ((a >= 0) & (a < V)).all()
+            assert torch.equal(a[fixed.cuda()], given.cuda()[fixed.cuda()])
