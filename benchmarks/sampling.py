@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -127,31 +126,17 @@ def plans(seq_len: int, samplers=SAMPLERS, steps=STEPS, thresholds=THRESHOLDS) -
     return out
 
 
-def autocast_logits(denoiser, device_type: str, dtype: torch.dtype):
-    def logits(z, t):  # [B, L], [B] -> [B, L, V]
-        with torch.autocast(device_type, dtype=dtype):
-            return denoiser(z, t)
-    return logits
-
-
 def measure(denoiser, schedule, seq_len: int, rows: list[dict], num_samples: int, batch: int,
             seed: int = 0, device: str | torch.device = "cpu", chain=None, top_p: float = 0.9,
             autocast: torch.dtype | None = None, compile: bool = False, progress=print) -> list[dict]:
     """Draw, time and (given the oracle `chain`) score each of `rows` (`plans`' dicts); returns
     them with their figures added."""
     device = torch.device(device)
-    logits, options = denoiser, {}  # the model itself where possible: generate may use its parts
-    if "precision" in inspect.signature(generate).parameters:  # generate casts by itself
-        options["precision"] = "bf16" if autocast == torch.bfloat16 else "fp32"
-    elif autocast is not None:
-        logits = autocast_logits(denoiser, device.type, autocast)
-    if compile:
-        if "compile" not in inspect.signature(generate).parameters:
-            raise ValueError("--compile: this checkout's sampling.generate has no compile option")
-        options["compile"] = True
+    # the model itself, not a wrapper: generate projects only the rows a step can change
+    options = {"precision": "bf16" if autocast == torch.bfloat16 else "fp32", "compile": compile}
 
     def draw(row, n, generator):
-        return generate(logits, schedule, n, seq_len, row["steps"], sampler=row["sampler"],
+        return generate(denoiser, schedule, n, seq_len, row["steps"], sampler=row["sampler"],
                         threshold=row["threshold"] or 0.9, top_p=top_p, generator=generator,
                         device=device, **options)
 

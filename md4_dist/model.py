@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from md4_dist.output_head import EAGER, CountLater, HeadKernels, head_stats, padded_vocab
+from md4_dist.output_head import EAGER, CountLater, head_stats, padded_vocab
 
 MlpType = Literal["glu", "swiglu", "geglu"]
 # The gate activation of each MLP type; the official code uses the same activation in front of
@@ -129,11 +129,6 @@ class OutputLayer(nn.Module):
         self.weight = nn.Parameter(torch.empty(padded_vocab(vocab), dim))
         self.kernels = EAGER
 
-    def compile(self, **kwargs):
-        """Fuse the loss's reductions of the logits with torch.compile (the projections are
-        cuBLAS's already, and the row count varies per step)."""
-        self.kernels = HeadKernels(compiled=True)
-
     def forward(self, h, x=None, w=None):
         if x is None:
             return F.linear(h, self.weight)[..., :self.vocab]
@@ -153,6 +148,9 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.out_ada = nn.Linear(cfg.time_dim, 2 * cfg.dim)
         self.out = OutputLayer(cfg.dim, cfg.vocab_size)
+        # masked_stats projects every row, with no host-read count, when the whole module is
+        # traced as one graph (DeepSpeed's DeepCompile; trainer.engine sets it)
+        self.static_rows = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -200,9 +198,16 @@ class Denoiser(nn.Module):
                      w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the losses read, at the masked positions of zt only (0 elsewhere): log p(x_n | z_t)
         and, given GenMD4's exponents w [V], sum_j w_j p_j(. | z_t); [B, L] each. The output layer
-        projects only the masked rows (about half), a chunk at a time: [B, L, V] never exists."""
+        projects only the masked rows (about half), a chunk at a time: [B, L, V] never exists.
+        With `static_rows` it projects every row and zeroes the unmasked ones: twice the output
+        layer's work for MD4, but shapes that do not depend on the data and no wait on the host."""
         B, L = zt.shape
         masked = (zt == self.cfg.vocab_size).flatten()
+        if self.static_rows:
+            lse, target, expected = self.out(self.hidden(zt, t).flatten(0, 1), x.flatten(), w)
+            zero = lse.new_zeros(())
+            return (torch.where(masked, target - lse, zero).view(B, L),
+                    None if expected is None else torch.where(masked, expected, zero).view(B, L))
         count = CountLater(masked)  # before the trunk is queued: reading it costs the GPU nothing
         # the masked rows first, without a host sync; the count says where they end
         rows = torch.nonzero_static(masked, size=B * L, fill_value=0).squeeze(1)

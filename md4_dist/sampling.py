@@ -93,7 +93,8 @@ class Generated:
 def time_grid(steps: int, grid: Literal["uniform", "cosine"], device=None) -> torch.Tensor:
     """The times t_0 = 1 > t_1 > ... > t_steps = 0 (float64), [steps + 1].
 
-    Cosine: t <- cos(pi/2 (1 - t)), which takes smaller steps near t = 0.
+    Cosine: t <- cos(pi/2 (1 - t)), which takes small steps near t = 1 (the first, mostly masked
+    steps) and its largest near t = 0.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

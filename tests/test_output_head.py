@@ -145,3 +145,20 @@ def test_compiled_head_kernels_with_kept_logits_equal_recompute():
         kept = _values_grads_flops(HeadKernels(compiled=True, keep_logits=True), n, True, 7)
         for a, b in zip(kept[0] + list(kept[1]), recompute[0] + list(recompute[1])):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["md4", "genmd4"])
+def test_static_rows_for_deepcompile_give_the_masked_rows_loss_and_gradients(kind, monkeypatch):
+    """deepspeed.deepcompile=true makes the trainer's module project every row (shapes that do not
+    depend on the data, for one whole-module graph) and zero the unmasked ones: the micro-batch's
+    loss and every gradient match the masked-rows path's in float32."""
+    monkeypatch.setattr(output_head, "CHUNK", 7)
+    base_model, base_loss, base = _trainer_step_grads(kind, [])
+    model, loss, grads = _trainer_step_grads(kind, ["deepspeed.deepcompile=true"])
+    assert model.denoiser.static_rows and not base_model.denoiser.static_rows
+    torch.testing.assert_close(loss, base_loss, rtol=2e-6, atol=0)
+    assert grads.keys() == base.keys()
+    for name, g in grads.items():
+        # float32 sums over other row counts: equal to a millionth of the gradient's scale
+        torch.testing.assert_close(g, base[name], rtol=0, atol=1e-6 * float(base[name].abs().max()), msg=name)
+    assert grads["denoiser.out.weight"].abs().sum() > 0

@@ -34,7 +34,11 @@ def build_model(cfg: Config) -> DiffusionModel:
         compiled=cfg.train.compile != "off" and not cfg.deepspeed.deepcompile,
         keep_logits=cfg.train.head_keeps_logits)
     if cfg.deepspeed.deepcompile:
-        return model  # DeepCompile takes the whole module as one graph: no per-block hooks
+        # DeepCompile takes the whole module as one graph: no per-block hooks, and an output
+        # layer whose shapes do not depend on the data (the masked-row count read on the host,
+        # a CUDA event inside the graph, stalled DeepCompile's profiler on the H200)
+        model.denoiser.static_rows = True
+        return model
     if cfg.deepspeed.zero_stage == 3:
         # ZeRO-3 gathers a block's parameters together, in one pair of hooks per block rather
         # than one per linear layer (whose host cost made ZeRO-3 far slower than ZeRO-0 on a
