@@ -128,12 +128,12 @@ def plans(seq_len: int, samplers=SAMPLERS, steps=STEPS, thresholds=THRESHOLDS) -
 
 def measure(denoiser, schedule, seq_len: int, rows: list[dict], num_samples: int, batch: int,
             seed: int = 0, device: str | torch.device = "cpu", chain=None, top_p: float = 0.9,
-            autocast: torch.dtype | None = None, compile: bool = False, progress=print) -> list[dict]:
+            precision: str = "fp32", compile: bool = False, progress=print) -> list[dict]:
     """Draw, time and (given the oracle `chain`) score each of `rows` (`plans`' dicts); returns
     them with their figures added."""
     device = torch.device(device)
     # the model itself, not a wrapper: generate projects only the rows a step can change
-    options = {"precision": "bf16" if autocast == torch.bfloat16 else "fp32", "compile": compile}
+    options = {"precision": precision, "compile": compile}
 
     def draw(row, n, generator):
         return generate(denoiser, schedule, n, seq_len, row["steps"], sampler=row["sampler"],
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     print(HEADER, flush=True)
     rows = measure(net.denoiser, net.schedule, seq_len, rows, num_samples, args.batch, args.seed, device,
-                   chain, args.top_p, torch.bfloat16 if dtype == "bf16" else None, args.compile,
+                   chain, args.top_p, dtype, args.compile,
                    progress=lambda s: print(s, flush=True))
     within = steps_to_within(rows) if chain is not None else {}
     for sampler, w in within.items():

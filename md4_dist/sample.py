@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="confidence, margin, entropy, threshold: the candidates' temperature; 0 takes "
                          "the most likely token (default: %(default)s)")
+    ap.add_argument("--block-length", type=int, default=0,
+                    help="confidence, margin, entropy, threshold: decode blocks of this many positions "
+                         "one after another from the left, --steps shared among them (LLaDA's "
+                         "semi-autoregressive decoding); 0: the whole sequence at once (default: %(default)s)")
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="end each sample at its first generated EOS; the rest is EOS")
     ap.add_argument("--batch-invariant", action="store_true",
@@ -81,6 +85,11 @@ def main(argv=None) -> int:
         ap.error(f"--threshold must lie in (0, 1], got {args.threshold}")
     if args.temperature < 0:
         ap.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.block_length < 0:
+        ap.error(f"--block-length must be >= 0, got {args.block_length}")
+    if args.block_length and args.sampler in ("ancestral", "topp"):
+        ap.error(f"--block-length applies to the confidence, margin, entropy and threshold "
+                 f"samplers; --sampler {args.sampler} unmasks by time")
     dev = cli.device(args.device)
     if args.out is not None and not args.overwrite and exists(args.out):
         raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
@@ -89,6 +98,9 @@ def main(argv=None) -> int:
         cfg = ckpt.config
         model = ckpt.model(ema=not args.no_ema).to(dev)
     L = args.seq_len or cfg.data.seq_len
+    if args.block_length > L or args.block_length and args.steps < -(-L // args.block_length):
+        ap.error(f"--block-length {args.block_length}: it must be at most the length ({L}), and "
+                 f"--steps ({args.steps}) at least the number of blocks")
     tokenizer = None
     if ckpt.tokenizer is not None or args.prefix is not None:
         tokenizer = load_tokenizer(ckpt.tokenizer, args.tokenizer, cfg.storage)  # names what is wrong
@@ -111,6 +123,7 @@ def main(argv=None) -> int:
                            grid=args.grid, device=dev, seeds=row_seeds(args.seed, len(samples), n),
                            batch_invariant=args.batch_invariant, precision=args.precision,
                            compile=args.compile, eos_id=eos_id if args.stop_at_eos else None,
+                           block_length=args.block_length or None,
                            given=None if given is None else given[:n].to(dev),
                            fixed=None if fixed is None else fixed[:n].to(dev))
             samples += out.tokens.cpu().tolist()

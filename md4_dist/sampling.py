@@ -29,7 +29,8 @@ Samplers (docs/math.md, "Sampling"):
   `steps` caps the denoiser calls (the last allowed call unmasks all that remain). The number of
   calls depends on the data (a host sync per step), so under ZeRO-3, where every forward gathers
   on all ranks, every rank must draw the same rows (the trainer's samples use "ancestral").
-Unmasked positions never change, so given tokens are kept.
+Unmasked positions never change, so given tokens are kept. With `block_length` the ordered and
+threshold samplers decode semi-autoregressively (LLaDA): block after block from the left.
 
 Cost. The denoiser's trunk runs over the whole sequence (attention needs it), but only the rows
 a step can change are projected to V: the masked positions for the ordered and threshold
@@ -176,8 +177,17 @@ class _Uniforms:
 
     def __init__(self, n: int, seq_len: int, device, generator, seeds):
         self.shape, self.device, self.generator, self.rows = (n, seq_len), device, generator, None
+        self.seeds = seeds
         if seeds is not None:
             self.rows = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def restart(self, key: int) -> None:
+        """Each row's stream anew from (its seed, key): a row's draws in a block then do not
+        depend on how many calls the batch made before it (a row finished early, or with nothing
+        to do in a block, still draws while others work)."""
+        if self.rows is not None:
+            for g, s in zip(self.rows, self.seeds):
+                g.manual_seed(row_seeds(int(s), key, 1)[0])
 
     def __call__(self) -> torch.Tensor:
         if self.rows is None:
@@ -207,7 +217,7 @@ def _scores(probs: torch.Tensor, candidate: torch.Tensor, order: str) -> torch.T
 
 
 def _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, temperature, given,
-           fixed, generator, seeds, eos_id, pad_id, precision):
+           fixed, generator, seeds, eos_id, pad_id, precision, block_length):
     V = schedule.vocab_size
     if V is None:
         raise ValueError("the schedule has no vocab_size: build it with vocab_size=V")
@@ -240,6 +250,15 @@ def _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, tem
         raise ValueError(f"pad_id ({pad_id}) pads after the first EOS: pass eos_id too")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if block_length is not None:
+        if sampler in ("ancestral", "topp"):
+            raise ValueError(f"block_length ({block_length}) applies to the confidence, margin, "
+                             f"entropy and threshold samplers; sampler {sampler!r} unmasks by time")
+        if not 1 <= block_length <= seq_len:
+            raise ValueError(f"block_length must lie in [1, seq_len={seq_len}], got {block_length}")
+        if steps < -(-seq_len // block_length):
+            raise ValueError(f"steps ({steps}) must be at least the number of blocks, "
+                             f"{-(-seq_len // block_length)} of block_length {block_length} in {seq_len}")
 
 
 class _RowLogits:
@@ -288,6 +307,15 @@ class _RowLogits:
             return self._rows(z, t, lambda: rows[:count()])
 
 
+def _blocks(seq_len: int, block_length: int, steps: int) -> list[tuple[tuple[int, int], int]]:
+    """The blocks decoded one after another, left to right, [(start, end), steps]: consecutive
+    positions of `block_length` (the last may be shorter), the steps shared out evenly (the first
+    blocks take the remainder)."""
+    starts = range(0, seq_len, block_length)
+    per, extra = divmod(steps, len(starts))
+    return [((a, min(a + block_length, seq_len)), per + (k < extra)) for k, a in enumerate(starts)]
+
+
 def _chunks(n: int) -> list[slice]:
     return [slice(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
 
@@ -301,7 +329,7 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
              seeds: Sequence[int] | None = None, batch_invariant: bool = False,
              eos_id: int | None = None, pad_id: int | None = None, device=None,
              precision: Precision = "auto", compile: bool = False,
-             full_logits: bool = False) -> Generated:
+             full_logits: bool = False, block_length: int | None = None) -> Generated:
     """Draw [num_samples, seq_len] int64 tokens in [0, V): no mask id remains.
 
     given [N, L] int64 and fixed [N, L] bool: positions where fixed is True start (and stay) as
@@ -317,9 +345,15 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
     the denoiser's forward does, instead of only the rows a step can change (the reference the
     tests hold the default against; the draws are the same up to the rounding of the output
     layer's product for another number of rows).
+
+    `block_length` (the confidence, margin, entropy and threshold samplers): semi-autoregressive
+    decoding, as LLaDA's: the positions are cut into consecutive blocks of this many, decoded one
+    after another from the left, each to the end with its share of `steps` (a block of given
+    tokens only is skipped); the denoiser still sees the whole sequence, at the time whose masked
+    fraction is the sequence's.
     """
     _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, temperature, given,
-           fixed, generator, seeds, eos_id, pad_id, precision)
+           fixed, generator, seeds, eos_id, pad_id, precision, block_length)
     V = schedule.vocab_size
     shape = (num_samples, seq_len)
     z = torch.full(shape, V, dtype=torch.int64, device=device)
@@ -370,47 +404,58 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
         calls = steps + 1
         calls_per_row += calls
     else:
-        times = time_grid(steps, grid, device=z.device)
+        blocks = _blocks(seq_len, block_length or seq_len, steps)
         n_free = free.sum(-1).to(torch.float64)  # [N]
-        # masks left after each grid step, what the ancestral sampler leaves in expectation; none
-        # after the last ([N, steps + 1])
-        left = torch.round(n_free[:, None] * _masked_fraction(schedule, times)[None]).long()
-        left[:, -1] = 0
-        for i in range(steps):
-            masked = z == V  # [N, L]
-            if sampler == "threshold":
-                if not masked.any():  # a host sync; the call count depends on the data
+        for (a, b), block_steps in blocks:
+            in_block = torch.zeros(seq_len, dtype=torch.bool, device=z.device)
+            in_block[a:b] = True
+            todo = free & in_block  # [N, L]: this block's positions to generate
+            if len(blocks) > 1 and not todo.any():  # a block all given (a prefix): no call
+                continue
+            if a > 0:
+                uniforms.restart(a)
+            times = time_grid(block_steps, grid, device=z.device)
+            # masks of the block left after each grid step, what the ancestral sampler leaves in
+            # expectation; none after the last ([N, block_steps + 1])
+            left = torch.round(todo.sum(-1, dtype=torch.float64)[:, None]
+                               * _masked_fraction(schedule, times)[None]).long()
+            left[:, -1] = 0
+            for i in range(block_steps):
+                masked = z == V  # [N, L]
+                active = masked & in_block  # the positions this step may unmask
+                if sampler == "threshold" and not active.any():  # a host sync: calls depend on data
                     break
-                fraction = masked.sum(-1) / n_free.clamp(min=1)
-                t = _time_at_fraction(schedule, fraction.to(torch.float64)).to(dtype)
-            else:
-                t = torch.full((num_samples,), float(times[i]), device=z.device)
-            u = uniforms()  # drawn at temperature 0 too: a row's stream is the same either way
-            rows, logits = logits_at(z, t, masked)  # every masked position may change
-            # each masked position's candidate and score; -inf elsewhere: never chosen
-            candidate = torch.zeros(z.numel(), dtype=torch.int64, device=z.device)
-            score = torch.full((z.numel(),), -math.inf, dtype=dtype, device=z.device)
-            for c in _chunks(len(rows)):  # [c, V] float32 at a time
-                lg = logits[c] if temperature in (0, 1) else logits[c].to(dtype) / temperature
-                probs = torch.softmax(lg, -1, dtype=dtype)
-                cand = (_draw(probs, u.view(-1)[rows[c]]).clamp_(max=V - 1) if temperature > 0
-                        else probs.argmax(-1))
-                candidate[rows[c]] = cand
-                score[rows[c]] = _scores(probs, cand,
-                                         "confidence" if sampler == "threshold" else sampler)
-            candidate, score = candidate.view(shape), score.view(shape)
-            if sampler == "threshold":
-                best = torch.zeros_like(masked).scatter_(-1, score.argmax(-1, keepdim=True), True)
-                chosen = masked & ((score >= threshold) | best | (i == steps - 1))
-            else:
-                k = masked.sum(-1) - left[:, i + 1]  # [N]: how many to unmask now
-                order = score.sort(dim=-1, descending=True, stable=True).indices  # ties: leftmost first
-                rank = torch.empty_like(order).scatter_(
-                    -1, order, torch.arange(seq_len, device=z.device).expand(num_samples, -1))
-                chosen = masked & (rank < k[:, None])
-            calls_per_row += masked.any(-1)
-            calls += 1
-            z = torch.where(chosen, candidate, z)
+                if sampler == "threshold" or len(blocks) > 1:  # the time of the masks left
+                    fraction = masked.sum(-1) / n_free.clamp(min=1)
+                    t = _time_at_fraction(schedule, fraction.to(torch.float64)).to(dtype)
+                else:
+                    t = torch.full((num_samples,), float(times[i]), device=z.device)
+                u = uniforms()  # drawn at temperature 0 too: a row's stream is the same either way
+                rows, logits = logits_at(z, t, active)
+                # each active position's candidate and score; -inf elsewhere: never chosen
+                candidate = torch.zeros(z.numel(), dtype=torch.int64, device=z.device)
+                score = torch.full((z.numel(),), -math.inf, dtype=dtype, device=z.device)
+                for c in _chunks(len(rows)):  # [c, V] float32 at a time
+                    lg = logits[c] if temperature in (0, 1) else logits[c].to(dtype) / temperature
+                    probs = torch.softmax(lg, -1, dtype=dtype)
+                    cand = (_draw(probs, u.view(-1)[rows[c]]).clamp_(max=V - 1) if temperature > 0
+                            else probs.argmax(-1))
+                    candidate[rows[c]] = cand
+                    score[rows[c]] = _scores(probs, cand,
+                                             "confidence" if sampler == "threshold" else sampler)
+                candidate, score = candidate.view(shape), score.view(shape)
+                if sampler == "threshold":
+                    best = torch.zeros_like(active).scatter_(-1, score.argmax(-1, keepdim=True), True)
+                    chosen = active & ((score >= threshold) | best | (i == block_steps - 1))
+                else:
+                    k = active.sum(-1) - left[:, i + 1]  # [N]: how many to unmask now
+                    order = score.sort(dim=-1, descending=True, stable=True).indices  # ties: leftmost
+                    rank = torch.empty_like(order).scatter_(
+                        -1, order, torch.arange(seq_len, device=z.device).expand(num_samples, -1))
+                    chosen = active & (rank < k[:, None])
+                calls_per_row += active.any(-1)
+                calls += 1
+                z = torch.where(chosen, candidate, z)
     if eos_id is not None:
         eos = (z == eos_id) & free
         after = (eos.cumsum(-1) - eos.long()) > 0  # strictly after the first generated EOS

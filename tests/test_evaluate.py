@@ -5,6 +5,7 @@ with its SentencePiece tokenizer."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -317,10 +318,17 @@ def test_every_sampler_of_the_command_keeps_the_prefix_and_batch_size_changes_no
     together, _ = draw("together", "--sampler", "margin", "--batch-size", "3", "--batch-invariant")
     alone, _ = draw("alone", "--sampler", "margin", "--batch-size", "1", "--batch-invariant")
     assert together == alone
-    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
-        in_process(sample.main, capsys, "--checkpoint", str(run_dir), "--sampler", "threshold",
-                   "--threshold", "1.5")
-    assert exit_.value.code == 2 and "--threshold must lie in (0, 1], got 1.5" in capsys.readouterr().err
+    # semi-autoregressive blocks: the prefix kept, and still the same whatever the batching
+    blocks = [draw(f"blocks-{b}", "--sampler", "threshold", "--block-length", "16", "--batch-size", b,
+                   "--batch-invariant")[0] for b in ("3", "1")]
+    assert blocks[0] == blocks[1] and all(row[:len(prefix)] == prefix for row in blocks[0])
+    for bad, message in ((["--sampler", "threshold", "--threshold", "1.5"], r"--threshold must lie in \(0, 1\], got 1\.5"),
+                         (["--block-length", "16"], "--block-length applies to .*--sampler ancestral"),
+                         (["--sampler", "margin", "--block-length", "65"], r"--block-length 65: it must be at most the length \(64\)")):
+        with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+            in_process(sample.main, capsys, "--checkpoint", str(run_dir), *bad)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and re.search(message, err), err
 
 
 def test_samples_are_decoded_and_keep_the_prefix(text_run, tmp_path, capsys):

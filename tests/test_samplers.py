@@ -222,7 +222,11 @@ def test_bad_input_raises_naming_the_value():
            (dict(eos_id=1, pad_id=-1), "pad_id .* got -1"),
            (dict(pad_id=0), r"pad_id \(0\) .* eos_id"),
            (dict(given=torch.zeros(2, L + 3, dtype=torch.int64),
-                 fixed=torch.ones(2, L + 3, dtype=torch.bool)), rf"^given must have shape \(2, {L}\)")]
+                 fixed=torch.ones(2, L + 3, dtype=torch.bool)), rf"^given must have shape \(2, {L}\)"),
+           (dict(block_length=4), r"block_length \(4\) applies to .* 'ancestral'"),
+           (dict(sampler="confidence", block_length=0), rf"block_length must lie in \[1, seq_len={L}\], got 0"),
+           (dict(sampler="threshold", block_length=L + 1), f"got {L + 1}"),
+           (dict(sampler="margin", block_length=2), rf"steps \(4\) must be at least the number of blocks, 6")]
     for kwargs, message in bad:
         with pytest.raises(ValueError, match=message):
             sample(den, sched, 2, L, 4, **kwargs)
@@ -352,3 +356,62 @@ def test_compiled_trunk_in_bf16_on_the_gpu():
             b = sample(den, sched, 4, L, 6, seeds=row_seeds(1, 0, 4), **kw)
             assert torch.equal(a, b) and ((a >= 0) & (a < V)).all()
             assert torch.equal(a[fixed.cuda()], given.cuda()[fixed.cuda()])
+
+
+@pytest.mark.parametrize("sampler", ORDERED)
+def test_blocks_decode_from_the_left_one_after_another(denoiser, sampler):
+    """block_length (LLaDA's semi-autoregressive decoding): every call sees the blocks before the
+    current one fully unmasked and those after it fully masked, each block getting its share of
+    the steps; block_length = L is the plain sampler exactly; a block of given tokens only costs
+    no call."""
+    sched = build("linear", vocab_size=V)
+    probs = torch.softmax(2 * torch.randn(L, V, generator=torch.Generator().manual_seed(5)), -1)
+    den = fixed_logits(probs)
+    got = generate(den, sched, 2, L, 6, sampler=sampler, threshold=0.5, block_length=4, seeds=[1, 2])
+    assert ((got.tokens >= 0) & (got.tokens < V)).all()
+    current = []  # each call's block: the first with a masked position
+    for m in den.seen:
+        k = int(m.any(0).nonzero()[0]) // 4
+        assert m[:, 4 * (k + 1):].all(), "a later block was touched before this one ended"
+        current.append(k)
+    if sampler == "threshold":  # as many calls as it needs, at most its two steps, per block
+        assert current == sorted(current) and set(current) == {0, 1, 2}
+        assert all(current.count(k) <= 2 for k in range(3))
+    else:
+        assert current == [0, 0, 1, 1, 2, 2]
+    plain = generate(denoiser, sched, 3, L, 6, sampler=sampler, threshold=0.5, seeds=[1, 2, 3])
+    whole = generate(denoiser, sched, 3, L, 6, sampler=sampler, threshold=0.5, seeds=[1, 2, 3],
+                     block_length=L)
+    assert torch.equal(plain.tokens, whole.tokens) and torch.equal(plain.calls_per_row, whole.calls_per_row)
+    blocked = generate(denoiser, sched, 3, L, 6, sampler=sampler, threshold=0.5, seeds=[1, 2, 3],
+                       block_length=4)
+    assert not torch.equal(plain.tokens, blocked.tokens), "the blocks change the order of decoding"
+    given, fixed = prefix_condition([5, 6, 7, 8], 2, L)  # block 0 is all given
+    out = generate(den, sched, 2, L, 6, sampler=sampler, threshold=0.5, block_length=4,
+                   given=given, fixed=fixed, seeds=[1, 2])
+    assert out.tokens[:, :4].tolist() == [[5, 6, 7, 8]] * 2
+    assert out.denoiser_calls == 4 if sampler != "threshold" else out.denoiser_calls <= 4
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "threshold"])
+def test_a_row_alone_equals_the_row_in_any_batch_with_blocks(denoiser, sampler):
+    """With blocks a row may sit out calls the batch makes (its block already done, or nothing of
+    its own to decode there): its stream restarts at every block, so it still draws alone what it
+    draws in any batch."""
+    sched = build("learnable_poly", vocab_size=V)
+    seeds = row_seeds(7, 0, 5)
+    given = torch.randint(0, V, (5, L), generator=torch.Generator().manual_seed(3))
+    fixed = torch.rand(5, L, generator=torch.Generator().manual_seed(4)) < 0.3
+    fixed[1, 4:8] = True  # row 1 has nothing to decode in block 1
+    kw = dict(sampler=sampler, threshold=0.3, batch_invariant=True, block_length=4)
+
+    def draw(rows):
+        return generate(denoiser, sched, len(rows), L, 9, given=given[rows], fixed=fixed[rows],
+                        seeds=[seeds[r] for r in rows], **kw)
+    five = draw([0, 1, 2, 3, 4])
+    for rows in ([1, 4], [1], [3], [0, 2]):
+        part = draw(rows)
+        assert torch.equal(part.tokens, five.tokens[rows]), rows
+        assert torch.equal(part.calls_per_row, five.calls_per_row[rows]), rows
+    if sampler == "threshold":  # rows needed different numbers of calls: some sat out
+        assert len(set(five.calls_per_row.tolist())) > 1
