@@ -10,7 +10,9 @@ export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MD4_SRC=
 R=$OUT/results; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 T="python3 benchmarks/throughput.py --paths trainer --out $R --models md4-s --steps 20 --warmup 6"
-timeout 150 $T --zero 1 3 --compile reduce-overhead --tag baseline 2>&1 | tail -4 | tee $OUT/e_deepcompile.log
+# the baselines profiled first (3 steps each, then timed apart from it), with where the host waits
+timeout 170 $T --zero 1 3 --compile reduce-overhead --tag baseline --profile --sync-stacks > $OUT/e_baseline.log 2>&1
+grep -a "tok/s\|^profile:" $OUT/e_baseline.log | tee $OUT/e_deepcompile.log
 # one process, its output kept whole: where it stops if it stalls
 timeout -s ABRT 380 python3 benchmarks/throughput.py --one md4-s trainer 3 --batch 16 --steps 20 --warmup 6 \
   --compile default --set deepspeed.deepcompile=true > $OUT/e_deepcompile_one.log 2>&1
