@@ -1,7 +1,7 @@
 """Correctness of the GPU training step (a check run on the GPU machine, not a CPU test).
 
     python benchmarks/gpu_check.py [--models md4-s genmd4-s] [--zero 0 3] [--batch 4]
-        [--compile off|default|reduce-overhead]
+        [--compile off|default|reduce-overhead] [--set KEY=VALUE ... --tag NAME]
 
 For the same weights, tokens and noise (so the same masks):
 1. bf16 against fp32: the loss of the trainer's step (a DeepSpeed engine from our config: bf16
@@ -22,7 +22,9 @@ For the same weights, tokens and noise (so the same masks):
 The zero-initialised layers (adaLN, the output layer) get small random weights first, or the
 logits would all be 0 and the comparison empty; then every weight is rounded to bf16, so that
 both sides hold the same weights and (GenMD4's masks depend on its exponents) the same masks,
-and the comparison measures bf16 compute alone. Writes benchmarks/results/check-<model>.json.
+and the comparison measures bf16 compute alone. `--set` applies config overrides (e.g.
+train.compile_unit=trunk) to every trainer step checked. Writes
+benchmarks/results/check-<model>[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ def train_losses(cfg, model, steps: int) -> list[float]:
                 for _ in range(steps)]
 
 
-def compiled_against_eager(name, zero, batch, mode, model) -> dict:
-    eager = train_losses(config(name, zero, batch, "off"), model, 10)
-    compiled = train_losses(config(name, zero, batch, mode), model, 10)
+def compiled_against_eager(name, zero, batch, mode, model, sets=()) -> dict:
+    eager = train_losses(config(name, zero, batch, "off", sets), model, 10)
+    compiled = train_losses(config(name, zero, batch, mode, sets), model, 10)
     worst = max(abs(c - e) / abs(e) for c, e in zip(compiled, eager))
     moved = max(abs(e - eager[0]) / abs(eager[0]) for e in eager)
     return {"zero_stage": zero, "eager": eager, "compiled": compiled, "worst_relative": worst,
@@ -120,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--zero", nargs="+", type=int, default=[0, 3])
     ap.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every trainer step checked (repeatable)")
+    ap.add_argument("--tag", default="", help="a label for the overrides, in the JSON's file name")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args(argv)
     if not require_gpu("benchmarks/gpu_check.py checks the GPU training step"):
@@ -133,14 +138,14 @@ def main(argv=None) -> int:
         x = torch.randint(0, cfg.model.vocab_size, (args.batch, SEQ_LEN), generator=torch.Generator().manual_seed(1))
         noise = NoiseByPosition(0, TRAIN, args.batch, SEQ_LEN, masks_per_sequence(cfg.diffusion), True,
                                 torch.device("cpu"))(torch.arange(args.batch))
-        result = {"model": name, "batch": args.batch, "seq_len": SEQ_LEN, "compile": args.compile,
+        result = {"model": name, "batch": args.batch, "seq_len": SEQ_LEN, "compile": args.compile, "set": args.set,
                   "device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                   "command": " ".join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
                   "masked_vs_full": [masked_against_full(cfg, model, x, noise, keep)
                                      for keep in (False, True)]}
         with torch.no_grad():
             want = model(x, noise.t, noise.u)["loss"].item()  # float32, CPU
-        result["bf16_vs_fp32"] = [bf16_against_fp32(config(name, z, args.batch, args.compile), model, x,
+        result["bf16_vs_fp32"] = [bf16_against_fp32(config(name, z, args.batch, args.compile, args.set), model, x,
                                                      noise, want) for z in args.zero]
         for m in result["masked_vs_full"]:
             backward = "kept logits" if m["head_keeps_logits"] else "recomputed logits"
@@ -154,14 +159,14 @@ def main(argv=None) -> int:
                   flush=True)
             ok &= b["pass"]
         if args.compile != "off":
-            result["compiled_vs_eager"] = [compiled_against_eager(name, z, args.batch, args.compile, model)
+            result["compiled_vs_eager"] = [compiled_against_eager(name, z, args.batch, args.compile, model, args.set)
                                            for z in args.zero]
             for c in result["compiled_vs_eager"]:
                 print(f"{name}: ZeRO-{c['zero_stage']} 10 training steps, compile {args.compile} vs off: "
                       f"worst relative difference {c['worst_relative']:.1e} (the eager loss moved by up "
                       f"to {c['eager_moved_relative']:.1%}) {'pass' if c['pass'] else 'FAIL'}", flush=True)
                 ok &= c["pass"]
-        with open(os.path.join(args.out, f"check-{name}.json"), "w") as f:
+        with open(os.path.join(args.out, f"check-{name}{'-' + args.tag if args.tag else ''}.json"), "w") as f:
             json.dump(result, f, indent=1)
     return 0 if ok else 1
 

@@ -60,9 +60,15 @@ class TrainConfig:
     global_batch: int = 512  # sequences per optimizer step, the same for every world size
     micro_batch: int = 16  # sequences per worker per forward pass
     ema: float = 0.9999  # 0 disables the EMA of the parameters
-    # torch.compile each block's forward and fuse the output layer's reductions (GPU runs);
-    # "reduce-overhead" also replays each block's kernels as a CUDA graph
+    # torch.compile each block's (or the trunk's, compile_unit) forward and fuse the output
+    # layer's reductions (GPU runs); "reduce-overhead" also replays its kernels as a CUDA graph
     compile: Literal["off", "default", "reduce-overhead"] = "off"
+    # what is compiled as one graph and, at ZeRO-3, gathered as one unit: each "block" (one
+    # block's parameters whole at a time, the next one's gathered while one runs: least memory),
+    # or the whole "trunk" (every block's parameters whole through the forward and again through
+    # the backward, one compiled graph and one pair of ZeRO-3 hooks instead of one per block: less
+    # host work per step, for the trunk's parameters in the compute dtype held whole on every rank)
+    compile_unit: Literal["block", "trunk"] = "block"
     # the output layer's backward reads the forward's logits at the masked rows instead of
     # recomputing them (md4_dist/output_head.py): one V-wide product fewer per step, for
     # N_masked x V x 2 bytes (bf16) held per micro-batch, about 0.8 GB for 16 x 1024 tokens half

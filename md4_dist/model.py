@@ -117,6 +117,18 @@ class Block(nn.Module):
         return h + gate_m * self.mlp_out(self.act(gate) * value)
 
 
+class Blocks(nn.ModuleList):
+    """The trunk's blocks, applied in order: one module whose forward runs them all, so that the
+    whole trunk can be compiled as one graph and gathered by ZeRO-3 as one unit
+    (`train.compile_unit: "trunk"`, trainer/engine.py). Its parameters keep the names of a plain
+    list of blocks (`blocks.N.*`)."""
+
+    def forward(self, h, cond, cos, sin):
+        for blk in self:
+            h = blk(h, cond, cos, sin)
+        return h
+
+
 class OutputLayer(nn.Module):
     """The untied output projection, weight [V_pad, D] with V_pad >= V rows (output_head says why;
     the padding rows are never read as logits). Called with targets, it returns the loss's
@@ -145,7 +157,7 @@ class Denoiser(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.dim)
         self.time_mlp = nn.Sequential(
             nn.Linear(cfg.time_dim, 4 * cfg.time_dim), nn.SiLU(), nn.Linear(4 * cfg.time_dim, cfg.time_dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = Blocks(Block(cfg) for _ in range(cfg.n_layers))
         self.out_ada = nn.Linear(cfg.time_dim, 2 * cfg.dim)
         self.out = OutputLayer(cfg.dim, cfg.vocab_size)
         # masked_stats projects every row, with no host-read count, when the whole module is
@@ -185,9 +197,7 @@ class Denoiser(nn.Module):
         L = zt.shape[1]
         cond = self.time_mlp(timestep_embedding(t, cfg.time_dim).to(self.embed.weight.dtype))
         cos, sin = rope_tables(L, cfg.dim // cfg.n_heads, cfg.rope_theta, zt.device)
-        h = self.embed(zt)
-        for blk in self.blocks:
-            h = blk(h, cond, cos, sin)
+        h = self.blocks(self.embed(zt), cond, cos, sin)
         shift, scale = self.out_ada(self.act(cond))[:, None].chunk(2, -1)
         return F.layer_norm(h, (cfg.dim,), eps=cfg.norm_eps) * (1 + scale) + shift
 

@@ -162,3 +162,38 @@ def test_static_rows_for_deepcompile_give_the_masked_rows_loss_and_gradients(kin
         # float32 sums over other row counts: equal to a millionth of the gradient's scale
         torch.testing.assert_close(g, base[name], rtol=0, atol=1e-6 * float(base[name].abs().max()), msg=name)
     assert grads["denoiser.out.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("unit", ["block", "trunk"])
+def test_compile_unit_sets_what_zero3_gathers_and_what_is_compiled(unit):
+    """train.compile_unit reaches engine.build_model: at ZeRO-3 the unit is DeepSpeed's leaf
+    module (gathered as one) and none of its parts are; with train.compile its forward, and only
+    its, is replaced by the compiled one (built lazily: nothing compiles here). The trunk keeps the
+    parameter names of a list of blocks, so checkpoints and exports load either way."""
+    from deepspeed.utils import z3_leaf_module
+
+    from md4_dist.trainer.engine import build_model
+
+    cfg = config_from_dict(TINY | {"diffusion": {"kind": "md4", "schedule": "cosine"}},
+                           [f"train.compile_unit={unit}", "deepspeed.zero_stage=3", "train.compile=default"])
+    model = build_model(cfg)
+    blocks = model.denoiser.blocks
+    trunk = unit == "trunk"
+    assert z3_leaf_module(blocks) == trunk
+    assert [z3_leaf_module(b) for b in blocks] == [not trunk] * len(blocks)
+    assert ("forward" in vars(blocks)) == trunk
+    assert ["forward" in vars(b) for b in blocks] == [not trunk] * len(blocks)
+    assert [n for n, _ in model.named_parameters() if n.startswith("denoiser.blocks.")][0] == \
+        "denoiser.blocks.0.qkv.weight"
+
+
+def test_trunk_compiled_as_one_graph_trains_as_eager():
+    """train.compile_unit=trunk with train.compile: the whole trunk through torch.compile (inductor
+    on the CPU) gives the eager micro-batch's loss and gradients, to float32 rounding."""
+    base_model, base_loss, base = _trainer_step_grads("genmd4", [])
+    model, loss, grads = _trainer_step_grads("genmd4", ["train.compile=default", "train.compile_unit=trunk"])
+    assert "forward" in vars(model.denoiser.blocks) and "forward" not in vars(base_model.denoiser.blocks)
+    torch.testing.assert_close(loss, base_loss, rtol=1e-5, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, base[name], rtol=0, atol=1e-5 * float(base[name].abs().max()), msg=name)
+    assert grads["denoiser.blocks.0.qkv.weight"].abs().sum() > 0

@@ -101,23 +101,26 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
 
 def test_one_worker_follows_two_workers(tmp_path, tiny_data):
     """The same global batch and seed on 1 worker (2 accumulated micro-batches) and on 2 ZeRO-3
-    workers (every parameter partitioned): the same loss curve, step by step."""
+    workers (every parameter partitioned), gathered block by block or the whole trunk at once
+    (train.compile_unit): the same loss curve, step by step."""
     common = [f"data.manifest={tiny_data}", "train.steps=12", "logging.every=1", "eval.every=6",
               "deepspeed.persistence_threshold=0", "optim.warmup_steps=2"]
     curves = {}
-    for workers in (2, 1):
-        run_dir = tmp_path / f"w{workers}"
-        r = train(f"train.run_dir={run_dir}", f"cluster.num_workers={workers}", *common)
+    for workers, unit in ((2, "block"), (2, "trunk"), (1, "block")):
+        run_dir = tmp_path / f"w{workers}-{unit}"
+        r = train(f"train.run_dir={run_dir}", f"cluster.num_workers={workers}",
+                  f"train.compile_unit={unit}", *common)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        curves[workers] = records((run_dir / "metrics.jsonl").read_text())
-    one, two = curves[1], curves[2]
-    assert [rec["step"] for rec in one] == [rec["step"] for rec in two] == list(range(1, 13))
-    for key in ("loss", "nelbo_bits_per_token", "grad_norm", "exponent_mean"):
-        a, b = [rec[key] for rec in one], [rec[key] for rec in two]
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
-    for step in (6, 12):
-        assert one[step - 1]["val_nelbo_bits_per_token"] == pytest.approx(
-            two[step - 1]["val_nelbo_bits_per_token"], rel=1e-4)
+        curves[workers, unit] = records((run_dir / "metrics.jsonl").read_text())
+    one = curves[1, "block"]
+    for two in (curves[2, "block"], curves[2, "trunk"]):
+        assert [rec["step"] for rec in one] == [rec["step"] for rec in two] == list(range(1, 13))
+        for key in ("loss", "nelbo_bits_per_token", "grad_norm", "exponent_mean"):
+            a, b = [rec[key] for rec in one], [rec[key] for rec in two]
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+        for step in (6, 12):
+            assert one[step - 1]["val_nelbo_bits_per_token"] == pytest.approx(
+                two[step - 1]["val_nelbo_bits_per_token"], rel=1e-4)
     # the curve moved: equal curves are not two copies of the initial loss
     assert one[-1]["nelbo_bits_per_token"] < one[0]["nelbo_bits_per_token"] - 0.05
 

@@ -4,8 +4,9 @@
     engine, lr_schedule = build_engine(cfg, 1, load_universal=True)  # resuming at another size
 
 Everything DeepSpeed needs to know about the model is decided here: ZeRO-3's leaf modules and
-external parameters, and how the step is compiled (`train.compile` per block, or DeepSpeed's
-DeepCompile of the whole module with `deepspeed.deepcompile`). Beyond the engine, DeepSpeed is
+external parameters, and how the step is compiled (`train.compile` per block or for the whole
+trunk, `train.compile_unit`; or DeepSpeed's DeepCompile of the whole module with
+`deepspeed.deepcompile`). Beyond the engine, DeepSpeed is
 read in two places: its partitions by the EMA (trainer/ema.py), its checkpoint files by
 trainer/checkpoint.py and the checkpoint format (md4_dist/checkpoint_format.py).
 """
@@ -16,7 +17,7 @@ import torch
 
 from md4_dist.config import Config
 from md4_dist.diffusion_model import DiffusionModel
-from md4_dist.model import Block
+from md4_dist.model import Block, Blocks
 from md4_dist.output_head import HeadKernels
 from md4_dist.trainer.ds_config import deepspeed_config
 
@@ -39,16 +40,18 @@ def build_model(cfg: Config) -> DiffusionModel:
         # a CUDA event inside the graph, stalled DeepCompile's profiler on the H200)
         model.denoiser.static_rows = True
         return model
+    trunk = cfg.train.compile_unit == "trunk"
     if cfg.deepspeed.zero_stage == 3:
-        # ZeRO-3 gathers a block's parameters together, in one pair of hooks per block rather
-        # than one per linear layer (whose host cost made ZeRO-3 far slower than ZeRO-0 on a
-        # GPU), and a block's forward, free of hooks, compiles into one graph.
-        set_z3_leaf_modules(model, [Block])
+        # ZeRO-3 gathers a unit's parameters together, in one pair of hooks per unit (a block, or
+        # the whole trunk) rather than one per linear layer (whose host cost made ZeRO-3 far
+        # slower than ZeRO-0 on a GPU), and the unit's forward, free of hooks, compiles into one
+        # graph.
+        set_z3_leaf_modules(model, [Blocks if trunk else Block])
     if cfg.train.compile != "off":
-        for block in model.denoiser.blocks:
+        for unit in [model.denoiser.blocks] if trunk else model.denoiser.blocks:
             # the forward only: ZeRO-3's hooks around it stay eager
-            block.forward = _when_training(torch.compile(block.forward, mode=cfg.train.compile),
-                                           block.forward)
+            unit.forward = _when_training(torch.compile(unit.forward, mode=cfg.train.compile),
+                                          unit.forward)
     return model
 
 

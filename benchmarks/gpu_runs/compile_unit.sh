@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On one H200, from the project root (carry .whl and .peer): train.compile_unit "trunk" (the
+# whole trunk one compiled graph and, at ZeRO-3, one gathered unit) against "block" (issue 19),
+# MD4-S and GenMD4-S at ZeRO-1 and ZeRO-3, batch 16, reduce-overhead. Two commands under the
+# 10-minute limit: `bash compile_unit.sh 1` runs the official step and every row (block first,
+# then trunk, about 8 minutes with FusedAdam's build); `... 2` runs gpu_check.py with the trunk
+# (bf16 against fp32, compiled against eager at ZeRO-1 and ZeRO-3).
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext-$$
+# (a fresh extensions folder: a build ended by a limit leaves a lock that hangs every later build)
+R=$OUT/results; mkdir -p $R
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
+case "${1:-1}" in
+  1) timeout 330 $T --official --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|official\|failed" | tee $OUT/c_unit.log
+     timeout 200 $T --models md4-s genmd4-s --zero 1 3 --tag trunk --set train.compile_unit=trunk 2>&1 \
+       | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log ;;
+  2) timeout 560 python3 benchmarks/gpu_check.py --models md4-s genmd4-s --zero 1 3 --compile reduce-overhead \
+       --set train.compile_unit=trunk --tag trunk --out $R 2>&1 | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log ;;
+  *) echo "usage: $0 1|2" >&2; exit 2 ;;
+esac
