@@ -289,6 +289,12 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self):
+        if self.deepspeed.deepcompile and self.train.compile_unit != "block":
+            raise ValueError(f"train.compile_unit={self.train.compile_unit!r} does nothing under "
+                             "deepspeed.deepcompile, which takes the whole module as one graph: "
+                             "leave it at 'block'")
+
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
     return from_dict(Config, apply_overrides(Config, data, list(overrides)))

@@ -210,3 +210,7 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
                             "use optim.grad_clip")
     with pytest.raises(ConfigError, match="deepcompile needs zero_stage 1 or 3"):
         config_from_dict({}, ["deepspeed.deepcompile=true", "deepspeed.zero_stage=2"])
+    with pytest.raises(ConfigError, match="train.compile_unit='trunk' does nothing under deepspeed.deepcompile"):
+        config_from_dict({}, ["deepspeed.deepcompile=true", "train.compile_unit=trunk"])
+    with pytest.raises(ConfigError, match="'train.compile_unit': \"layer\" is not allowed"):
+        config_from_dict({}, ["train.compile_unit=layer"])
