@@ -138,15 +138,17 @@ def main(argv=None) -> int:
         x = torch.randint(0, cfg.model.vocab_size, (args.batch, SEQ_LEN), generator=torch.Generator().manual_seed(1))
         noise = NoiseByPosition(0, TRAIN, args.batch, SEQ_LEN, masks_per_sequence(cfg.diffusion), True,
                                 torch.device("cpu"))(torch.arange(args.batch))
-        result = {"model": name, "batch": args.batch, "seq_len": SEQ_LEN, "compile": args.compile, "set": args.set,
+        result = {"model": name, "batch": args.batch, "seq_len": SEQ_LEN, "compile": args.compile,
+                  "set": args.set,
                   "device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                   "command": " ".join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
                   "masked_vs_full": [masked_against_full(cfg, model, x, noise, keep)
                                      for keep in (False, True)]}
         with torch.no_grad():
             want = model(x, noise.t, noise.u)["loss"].item()  # float32, CPU
-        result["bf16_vs_fp32"] = [bf16_against_fp32(config(name, z, args.batch, args.compile, args.set), model, x,
-                                                     noise, want) for z in args.zero]
+        result["bf16_vs_fp32"] = [
+            bf16_against_fp32(config(name, z, args.batch, args.compile, args.set), model, x, noise, want)
+            for z in args.zero]
         for m in result["masked_vs_full"]:
             backward = "kept logits" if m["head_keeps_logits"] else "recomputed logits"
             print(f"{name}: masked rows ({backward}) vs full logits (fp32 GPU): loss "
@@ -159,8 +161,8 @@ def main(argv=None) -> int:
                   flush=True)
             ok &= b["pass"]
         if args.compile != "off":
-            result["compiled_vs_eager"] = [compiled_against_eager(name, z, args.batch, args.compile, model, args.set)
-                                           for z in args.zero]
+            result["compiled_vs_eager"] = [
+                compiled_against_eager(name, z, args.batch, args.compile, model, args.set) for z in args.zero]
             for c in result["compiled_vs_eager"]:
                 print(f"{name}: ZeRO-{c['zero_stage']} 10 training steps, compile {args.compile} vs off: "
                       f"worst relative difference {c['worst_relative']:.1e} (the eager loss moved by up "

@@ -6,10 +6,8 @@
 set -u
 # cluster.check_pins=false: the GPU machine runs its own torch build with the wheels on PYTHONPATH,
 # not a node set up from scripts/constraints.txt.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext
-R=$OUT/results; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+export TORCH_EXTENSIONS_DIR=/tmp/ext  # one folder for every call on the same warm machine
+source "$(dirname "$0")/env.sh"
 timeout 300 python3 benchmarks/gpu_check.py --models md4-s genmd4-s --zero 2 3 --compile reduce-overhead \
   --out $R 2>&1 | tail -40 | tee $OUT/check.log
 timeout --foreground 230 python3 -m md4_dist.train configs/owt_small.json --set cluster.check_pins=false --set cluster.num_workers=1 \

@@ -7,11 +7,7 @@
 # (bf16 against fp32, compiled against eager at ZeRO-1 and ZeRO-3); `... 3` the 1.3B preset at
 # ZeRO-3, batch 16, block then trunk (its MFU; the trunk holds 2.6 GB more of whole parameters).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext-$$
-# (a fresh extensions folder: a build ended by a limit leaves a lock that hangs every later build)
-R=$OUT/results; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
 case "${1:-1}" in
   1) timeout 330 $T --official --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|official\|failed" | tee $OUT/c_unit.log

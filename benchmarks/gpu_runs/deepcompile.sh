@@ -5,10 +5,8 @@
 # MD4-S at batch 16 (issue 19). Each DeepCompile row gets a long limit and aborts with Python's
 # stack dump (faulthandler) if it stalls; the fresh extensions folder is for FusedAdam's build.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext-$$
-R=$OUT/results; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+source "$(dirname "$0")/env.sh"
+export PYTHONFAULTHANDLER=1
 T="python3 benchmarks/throughput.py --paths trainer --out $R --models md4-s --steps 20 --warmup 6"
 # the baselines profiled first (3 steps each, then timed apart from it), with where the host waits
 timeout 170 $T --zero 1 3 --compile reduce-overhead --tag baseline --profile --sync-stacks > $OUT/e_baseline.log 2>&1

@@ -3,9 +3,8 @@
 # compile, the 1.3B preset at batches above 16, and a profile of ZeRO-3's step (every parameter
 # persistent), in one command.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext
-R=$OUT/results; mkdir -p $R
+export TORCH_EXTENSIONS_DIR=/tmp/ext  # one folder for every call on the same warm machine
+source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R"
 timeout 260 $T --models md4-s --zero 3 --steps 20 --warmup 6 --compile default --set deepspeed.deepcompile=true --tag deepcompile 2>&1 | tail -30 | tee $OUT/d_deepcompile.log
 for b in 24 32; do

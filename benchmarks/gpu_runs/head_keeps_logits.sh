@@ -8,11 +8,7 @@
 # peak memory (the kept logits: N_masked x V x 2 bytes a micro-batch). The last command profiles
 # GenMD4-S's ZeRO-1 step with the option, beside results/genmd4-s-trainer-zero1-profile.txt.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext-$$
-# (a fresh extensions folder: a build ended by a limit leaves a lock that hangs every later build)
-R=$OUT/results; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
+source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 30 --warmup 8 --compile reduce-overhead"
 timeout 330 $T --official --models md4-s genmd4-s --zero 1 2 --tag recompute 2>&1 | tail -8 | tee $OUT/a_head.log
 timeout 170 $T --models md4-s genmd4-s --zero 1 2 --tag keeps-logits --set train.head_keeps_logits=true 2>&1 | tail -6 | tee -a $OUT/a_head.log

@@ -2,9 +2,8 @@
 # On one H200, from the project root (carry .whl and .peer): the 1.3B preset's MFU by batch, a ZeRO-3 candidate, and the real
 # training command with MFU and peak memory in its records.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext
-R=$OUT/results; mkdir -p $R
+export TORCH_EXTENSIONS_DIR=/tmp/ext  # one folder for every call on the same warm machine
+source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R"
 timeout 200 python3 -m md4_dist.train configs/tiny.json --set cluster.check_pins=false --set cluster.use_gpu=true --set cluster.num_workers=1 \
   --set deepspeed.precision=bf16 --set train.steps=200 --set train.run_dir=/tmp/gpu_run --set data.manifest=/tmp/gpu_data \

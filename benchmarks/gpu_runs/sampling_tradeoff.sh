@@ -5,8 +5,7 @@
 # under the 10-minute limit: `bash sampling_tradeoff.sh 1` (ancestral, topp, threshold; about
 # 5 minutes), then `... 2` (confidence, margin, entropy; about 8). Each writes its JSON as it ends.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/env.sh"
 case "${1:-1}" in
   1) S="ancestral topp threshold"; LIMIT=420 ;;
   2) S="confidence margin entropy"; LIMIT=560 ;;

@@ -4,9 +4,7 @@
 # ZeRO-1 in one command (issue 19), and a kernel profile of GenMD4-S at ZeRO-1 (what the
 # step's own GPU work is made of).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext-$$
-R=$OUT/results; mkdir -p $R
+source "$(dirname "$0")/env.sh"
 nproc | tee $OUT/a_startup.log
 timeout 250 python3 benchmarks/shard_startup.py --text-mb 46 --workers 1 2 14 --repeats 2 \
   --json $R/shard-startup-16cores.json 2>&1 | tail -8 | tee -a $OUT/a_startup.log

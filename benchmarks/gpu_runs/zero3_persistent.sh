@@ -3,8 +3,8 @@
 # ZeRO-3 with every parameter kept whole (persistence_threshold 1e9) and 5e8-element buckets, in
 # one command.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext
+export TORCH_EXTENSIONS_DIR=/tmp/ext  # one folder for every call on the same warm machine
+source "$(dirname "$0")/env.sh"
 mkdir -p $OUT/results
 timeout 400 python3 benchmarks/throughput.py --paths trainer --out $OUT/results --official --models md4-s genmd4-s \
   --zero 1 3 --steps 30 --warmup 8 --compile reduce-overhead --tag persist-all \

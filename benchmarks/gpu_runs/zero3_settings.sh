@@ -4,10 +4,7 @@
 # so it has the longest limit; a limit that ends a build leaves its lock behind, so each row gets
 # room to finish.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=/tmp/ext-$$
-# (a fresh extensions folder: a build ended by a limit leaves a lock that hangs every later build)
-R=$OUT/results; mkdir -p $R
+source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 30 --warmup 8 --compile reduce-overhead"
 PA='--set deepspeed.persistence_threshold=1000000000'
 BIG='"reduce_bucket_size": 500000000, "stage3_prefetch_bucket_size": 500000000'

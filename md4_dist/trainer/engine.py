@@ -6,9 +6,9 @@
 Everything DeepSpeed needs to know about the model is decided here: ZeRO-3's leaf modules and
 external parameters, and how the step is compiled (`train.compile` per block or for the whole
 trunk, `train.compile_unit`; or DeepSpeed's DeepCompile of the whole module with
-`deepspeed.deepcompile`). Beyond the engine, DeepSpeed is
-read in two places: its partitions by the EMA (trainer/ema.py), its checkpoint files by
-trainer/checkpoint.py and the checkpoint format (md4_dist/checkpoint_format.py).
+`deepspeed.deepcompile`). Beyond the engine, DeepSpeed is read in two places: its partitions by
+the EMA (trainer/ema.py), its checkpoint files by trainer/checkpoint.py and the checkpoint format
+(md4_dist/checkpoint_format.py).
 """
 
 from __future__ import annotations
