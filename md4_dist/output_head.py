@@ -71,12 +71,16 @@ def grad_logits(logits, x, w, lse, expected, g_lse, g_target, g_expected, vocab:
 
 
 class HeadKernels:
-    """How the head runs: the two reductions eager or compiled (dynamic in the row count, which
+    """How the head runs: the two reductions eager or compiled (symbolic in the row count, which
     varies per step), and whether the backward reads the forward's logits (`keep_logits`) or
     recomputes them."""
 
     def __init__(self, compiled: bool = False, keep_logits: bool = False):
-        wrap = (lambda f: torch.compile(f, dynamic=True)) if compiled else (lambda f: f)
+        # Not dynamic=True: that makes the vocabulary and the row stride symbolic too, and the
+        # V-wide kernels lose their constant strides. Dynamo's default compiles the first row
+        # count as it is and, at the second, recompiles with only what changed (the rows)
+        # symbolic. benchmarks/head_kernels.py times both.
+        wrap = torch.compile if compiled else (lambda f: f)
         self.reduce, self.grad = wrap(reduce_logits), wrap(grad_logits)
         self.keep_logits = keep_logits
 
