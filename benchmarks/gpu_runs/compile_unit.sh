@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # On one H200, from the project root (carry .whl and .peer): train.compile_unit "trunk" (the
 # whole trunk one compiled graph and, at ZeRO-3, one gathered unit) against "block" (issue 19),
-# MD4-S and GenMD4-S at ZeRO-1 and ZeRO-3, batch 16, reduce-overhead. Two commands under the
-# 10-minute limit: `bash compile_unit.sh 1` runs the official step and every row (block first,
-# then trunk, about 8 minutes with FusedAdam's build); `... 2` runs gpu_check.py with the trunk
-# (bf16 against fp32, compiled against eager at ZeRO-1 and ZeRO-3); `... 3` the 1.3B preset at
-# ZeRO-3, batch 16, block then trunk (its MFU; the trunk holds 2.6 GB more of whole parameters).
+# MD4-S and GenMD4-S, batch 16, reduce-overhead. Commands under the 10-minute limit:
+# `bash compile_unit.sh 1` runs the trunk at ZeRO-3, then the block rows at ZeRO-1 and ZeRO-3 (the
+# baselines), then benchmarks/head_kernels.py (about 8 minutes with FusedAdam's build); `... 1o`
+# the official step first and both units at ZeRO-1 and ZeRO-3 (the full table, when device time
+# allows); `... 2` runs gpu_check.py with the trunk (bf16 against fp32, compiled against eager at
+# ZeRO-1 and ZeRO-3); `... 3` the 1.3B preset at ZeRO-3, batch 16, block then trunk (its MFU; the
+# trunk holds 2.6 GB more of whole parameters).
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
 case "${1:-1}" in
-  1) timeout 330 $T --official --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|official\|failed" | tee $OUT/c_unit.log
+  1) timeout 240 $T --models md4-s genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk 2>&1 \
+       | grep -a "tok/s\|failed" | tee $OUT/c_unit.log
+     timeout 240 $T --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
+     timeout 60 python3 benchmarks/head_kernels.py --genmd4 2>&1 | tail -4 | tee $OUT/c_head.log ;;
+  1o) timeout 330 $T --official --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|official\|failed" | tee $OUT/c_unit.log
      timeout 200 $T --models md4-s genmd4-s --zero 1 3 --tag trunk --set train.compile_unit=trunk 2>&1 \
        | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log ;;
   2) timeout 560 python3 benchmarks/gpu_check.py --models md4-s genmd4-s --zero 1 3 --compile reduce-overhead \
@@ -19,5 +25,5 @@ case "${1:-1}" in
        timeout 260 $T --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit \
          --set train.compile_unit=$unit 2>&1 | grep -a "tok/s\|failed" | tee -a $OUT/c_large.log
      done ;;
-  *) echo "usage: $0 1|2|3" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1o|2|3" >&2; exit 2 ;;
 esac
