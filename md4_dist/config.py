@@ -201,6 +201,9 @@ class DeepSpeedConfig:
     # DeepSpeed's DeepCompile: the whole module compiled as one graph, ZeRO's gathers, releases
     # and gradient reductions scheduled inside it (instead of per-block hooks and compile)
     deepcompile: bool = False
+    # DeepSpeed's NVTX ranges around ZeRO's functions (for Nsight Systems): pushed and popped on
+    # every call, hundreds a ZeRO-3 step, host work the step waits on; off unless asked for
+    nvtx_ranges: bool = False
     # further DeepSpeed settings, merged into the config md4_dist generates (trainer/ds_config.py);
     # the keys md4_dist sets itself are refused, naming the config key that sets them
     extra: dict = field(default_factory=dict)

@@ -197,3 +197,20 @@ def test_trunk_compiled_as_one_graph_trains_as_eager():
     for name, g in grads.items():
         torch.testing.assert_close(g, base[name], rtol=0, atol=1e-5 * float(base[name].abs().max()), msg=name)
     assert grads["denoiser.blocks.0.qkv.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("ranges", [False, True])
+def test_deepspeeds_nvtx_ranges_follow_the_config(ranges):
+    """deepspeed.nvtx_ranges (default false) reaches DeepSpeed's switch for the NVTX ranges it
+    wraps around ZeRO's functions, whatever the switch held before."""
+    import deepspeed.utils.nvtx as nvtx
+
+    from md4_dist.trainer.engine import build_model
+
+    was = nvtx.enable_nvtx
+    try:
+        nvtx.enable_nvtx = not ranges
+        build_model(config_from_dict(TINY, ["deepspeed.nvtx_ranges=true"] if ranges else []))
+        assert nvtx.enable_nvtx is ranges
+    finally:
+        nvtx.enable_nvtx = was

@@ -3,7 +3,8 @@
 # whole trunk one compiled graph and, at ZeRO-3, one gathered unit) against "block" (issue 19),
 # MD4-S and GenMD4-S, batch 16, reduce-overhead. Commands under the 10-minute limit:
 # `bash compile_unit.sh 1` runs, a model at a time, the trunk at ZeRO-3, then the block rows at
-# ZeRO-3 and ZeRO-1 (the baselines), then benchmarks/head_kernels.py (6-8 minutes); `... 1o`
+# ZeRO-3 and ZeRO-1 (the baselines), for MD4-S the trunk with DeepSpeed's NVTX ranges on (as
+# before deepspeed.nvtx_ranges), then benchmarks/head_kernels.py (7-9 minutes); `... 1o`
 # the official step first and both units at ZeRO-1 and ZeRO-3 (the full table, when device time
 # allows); `... 2` runs gpu_check.py with the trunk (bf16 against fp32, compiled against eager at
 # ZeRO-1 and ZeRO-3); `... 3` the 1.3B preset at ZeRO-3, batch 16, block then trunk (its MFU; the
@@ -15,6 +16,8 @@ case "${1:-1}" in
   1) for m in md4-s genmd4-s; do  # a model at a time, the trunk first: a short budget still gives pairs
        timeout 150 $T --models $m --zero 3 --tag trunk --set train.compile_unit=trunk 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
        timeout 120 $T --models $m --zero 3 1 --tag block 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
+       [ $m = md4-s ] && timeout 70 $T --models $m --zero 3 --tag trunk-nvtx --set train.compile_unit=trunk \
+         --set deepspeed.nvtx_ranges=true 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
      done
      timeout 60 python3 benchmarks/head_kernels.py --genmd4 2>&1 | tail -4 | tee $OUT/c_head.log ;;
   1o) timeout 330 $T --official --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|official\|failed" | tee $OUT/c_unit.log

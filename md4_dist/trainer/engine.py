@@ -24,7 +24,13 @@ from md4_dist.trainer.ds_config import deepspeed_config
 
 def build_model(cfg: Config) -> DiffusionModel:
     """The module DeepSpeed wraps, with the same initial weights on every rank."""
+    import deepspeed.utils.nvtx
     from deepspeed.utils import set_z3_leaf_modules
+
+    # DeepSpeed wraps ZeRO's per-module and per-parameter functions in NVTX ranges that it pushes
+    # and pops on every call (469 a ZeRO-3 step with the trunk, benchmarks/host_calls.py), and
+    # only Nsight Systems reads them. A module-wide switch: DeepSpeed flips it itself for compile.
+    deepspeed.utils.nvtx.enable_nvtx = cfg.deepspeed.nvtx_ranges
 
     torch.manual_seed(cfg.train.seed)
     model = DiffusionModel(cfg.model, cfg.diffusion)
