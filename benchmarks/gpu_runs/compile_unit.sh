@@ -4,7 +4,8 @@
 # MD4-S and GenMD4-S, batch 16, reduce-overhead. Commands under the 10-minute limit:
 # `bash compile_unit.sh 1` runs, a model at a time, the trunk at ZeRO-3, then the block rows at
 # ZeRO-3 and ZeRO-1 (the baselines), for MD4-S the trunk with DeepSpeed's NVTX ranges on (as
-# before deepspeed.nvtx_ranges), then benchmarks/head_kernels.py (7-9 minutes); `... 1o`
+# before deepspeed.nvtx_ranges), then benchmarks/head_kernels.py (7-9 minutes); `... 1s` MD4-S's
+# ZeRO-3 pair alone, trunk then block, 12 steps after 5 (about 4 minutes); `... 1o`
 # the official step first and both units at ZeRO-1 and ZeRO-3 (the full table, when device time
 # allows); `... 2` runs gpu_check.py with the trunk (bf16 against fp32, compiled against eager at
 # ZeRO-1 and ZeRO-3); `... 3` the 1.3B preset at ZeRO-3, batch 16, block then trunk (its MFU; the
@@ -20,6 +21,10 @@ case "${1:-1}" in
          --set deepspeed.nvtx_ranges=true 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
      done
      timeout 60 python3 benchmarks/head_kernels.py --genmd4 2>&1 | tail -4 | tee $OUT/c_head.log ;;
+  1s) for unit in trunk block; do  # MD4-S's ZeRO-3 pair alone, for a device budget of about 5 minutes
+       timeout 150 $T --models md4-s --zero 3 --steps 12 --warmup 5 --tag $unit --set train.compile_unit=$unit 2>&1 \
+         | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
+     done ;;
   1o) timeout 330 $T --official --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|official\|failed" | tee $OUT/c_unit.log
      timeout 200 $T --models md4-s genmd4-s --zero 1 3 --tag trunk --set train.compile_unit=trunk 2>&1 \
        | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log ;;
@@ -29,5 +34,5 @@ case "${1:-1}" in
        timeout 260 $T --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit \
          --set train.compile_unit=$unit 2>&1 | grep -a "tok/s\|failed" | tee -a $OUT/c_large.log
      done ;;
-  *) echo "usage: $0 1|1o|2|3" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1s|1o|2|3" >&2; exit 2 ;;
 esac
