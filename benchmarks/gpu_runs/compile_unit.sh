@@ -13,26 +13,26 @@
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
+row() {  # row LIMIT_S THROUGHPUT_ARGS...: the whole log kept, the result lines shown
+  timeout "$1" $T "${@:2}" 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|official\|failed" | tee -a $OUT/c_unit.log
+}
 case "${1:-1}" in
   1) for m in md4-s genmd4-s; do  # a model at a time, the trunk first: a short budget still gives pairs
-       timeout 150 $T --models $m --zero 3 --tag trunk --set train.compile_unit=trunk 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
-       timeout 120 $T --models $m --zero 3 1 --tag block 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
-       [ $m = md4-s ] && timeout 70 $T --models $m --zero 3 --tag trunk-nvtx --set train.compile_unit=trunk \
-         --set deepspeed.nvtx_ranges=true 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
+       row 150 --models $m --zero 3 --tag trunk --set train.compile_unit=trunk
+       row 120 --models $m --zero 3 1 --tag block
+       [ $m = md4-s ] && row 70 --models $m --zero 3 --tag trunk-nvtx --set train.compile_unit=trunk \
+         --set deepspeed.nvtx_ranges=true
      done
      timeout 60 python3 benchmarks/head_kernels.py --genmd4 2>&1 | tail -4 | tee $OUT/c_head.log ;;
   1s) for unit in trunk block; do  # MD4-S's ZeRO-3 pair alone, for a device budget of about 5 minutes
-       timeout 150 $T --models md4-s --zero 3 --steps 12 --warmup 5 --tag $unit --set train.compile_unit=$unit 2>&1 \
-         | tee -a $OUT/c_full.log | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log
+       row 150 --models md4-s --zero 3 --steps 12 --warmup 5 --tag $unit --set train.compile_unit=$unit
      done ;;
-  1o) timeout 330 $T --official --models md4-s genmd4-s --zero 1 3 --tag block 2>&1 | grep -a "tok/s\|official\|failed" | tee $OUT/c_unit.log
-     timeout 200 $T --models md4-s genmd4-s --zero 1 3 --tag trunk --set train.compile_unit=trunk 2>&1 \
-       | grep -a "tok/s\|failed" | tee -a $OUT/c_unit.log ;;
+  1o) row 330 --official --models md4-s genmd4-s --zero 1 3 --tag block
+      row 200 --models md4-s genmd4-s --zero 1 3 --tag trunk --set train.compile_unit=trunk ;;
   2) timeout 560 python3 benchmarks/gpu_check.py --models md4-s genmd4-s --zero 1 3 --compile reduce-overhead \
        --set train.compile_unit=trunk --tag trunk --out $R 2>&1 | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log ;;
   3) for unit in block trunk; do
-       timeout 260 $T --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit \
-         --set train.compile_unit=$unit 2>&1 | grep -a "tok/s\|failed" | tee -a $OUT/c_large.log
+       row 260 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit --set train.compile_unit=$unit
      done ;;
   *) echo "usage: $0 1|1s|1o|2|3" >&2; exit 2 ;;
 esac
