@@ -59,8 +59,8 @@ def weights(cfg) -> DiffusionModel:
     model = DiffusionModel(cfg.model, cfg.diffusion)
     with torch.no_grad():
         for p in model.parameters():
-            if not p.any():  # the zero-initialised layers
-                p.normal_(0, 0.05)
+            zero = p == 0  # the zero-initialised weights (adaLN, the output layer)
+            p[zero] = 0.05 * torch.randn(int(zero.sum()))
             p.copy_(p.to(torch.bfloat16))
     return model
 

@@ -1,7 +1,7 @@
 """The host's work in one trainer step, counted on the CPU (a benchmark, not a test).
 
     python benchmarks/host_calls.py [--zero 1 3] [--units block trunk] [--model md4-s|genmd4-s]
-        [--steps 5] [--top 15] [--flat-blocks]
+        [--steps 5] [--top 15]
 
 A ZeRO-3 step on a GPU is host-bound: after each of DeepSpeed's waits the GPU idles while Python
 queues the next work (benchmarks/RESULTS.md). This counts that Python with cProfile, per step, at
@@ -33,17 +33,13 @@ def _where(path: str) -> str:
     return "md4_dist" if os.path.join(ROOT, "md4_dist") in path else "other"
 
 
-def one(model: str, zero: int, unit: str, steps: int, top: int, flat: bool) -> None:
+def one(model: str, zero: int, unit: str, steps: int, top: int) -> None:
     import deepspeed
     import torch
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from throughput import config, set_up_distributed
-
-    if flat:
-        import flat_blocks
-        flat_blocks.use()
 
     from md4_dist.diffusion.objectives import masks_per_sequence
     from md4_dist.trainer.engine import build_engine
@@ -79,8 +75,7 @@ def one(model: str, zero: int, unit: str, steps: int, top: int, flat: bool) -> N
         if where == "deepspeed":
             ds_self.append((self_s / steps * 1e3, ncalls / steps, f"{path.split('site-packages/')[-1]}:{line}({name})"))
     groups = ", ".join(f"{k} {v:,.0f}" for k, v in calls.most_common())
-    flat = ", flat blocks" if flat else ""
-    print(f"ZeRO-{zero}, compile_unit {unit}{flat}, {model}: {sum(calls.values()):,.0f} Python calls a step ({groups})")
+    print(f"ZeRO-{zero}, compile_unit {unit}, {model}: {sum(calls.values()):,.0f} Python calls a step ({groups})")
     for ms, n, where in sorted(ds_self, reverse=True)[:top]:
         print(f"    {n:6.0f} calls {ms:7.3f} ms self  {where}")
 
@@ -92,19 +87,16 @@ def main() -> None:
     ap.add_argument("--model", default="md4-s", choices=["md4-s", "genmd4-s"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--flat-blocks", action="store_true",
-                    help="each block's parameters as one tensor (the experiment of flat_blocks.py)")
     ap.add_argument("--one", nargs=2, metavar=("ZERO", "UNIT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        one(args.model, int(args.one[0]), args.one[1], args.steps, args.top, args.flat_blocks)
+        one(args.model, int(args.one[0]), args.one[1], args.steps, args.top)
         return
     env = os.environ | {"DS_ACCELERATOR": "cpu"}
     for zero in args.zero:
         for unit in args.units:  # a process each: one DeepSpeed engine per process
             out = subprocess.run([sys.executable, __file__, "--one", str(zero), unit, "--model", args.model,
-                                  "--steps", str(args.steps), "--top", str(args.top)]
-                                 + (["--flat-blocks"] if args.flat_blocks else []),
+                                  "--steps", str(args.steps), "--top", str(args.top)],
                                  env=env, capture_output=True, text=True)
             lines = [ln for ln in out.stdout.splitlines() if "Python calls" in ln or " ms self " in ln]
             print("\n".join(lines) if out.returncode == 0 and lines else out.stderr[-3000:], flush=True)

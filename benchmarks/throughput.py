@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--models md4-s genmd4-s genmd4-1.3b] [--paths trainer bare]
         [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5] [--compile off|default|reduce-overhead]
-        [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official] [--flat-blocks]
+        [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official]
 
 Paths:
 - trainer: the step exactly as the trainer runs it: `DiffusionModel` in a DeepSpeed engine built
@@ -275,8 +275,6 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the MFU's peak; default: trainer/perf.py's measured figure for the GPU")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--flat-blocks", action="store_true", help="each block's parameters as one "
-                    "tensor in the trainer's model (an experiment: benchmarks/flat_blocks.py)")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "PATH", "ZERO"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not require_gpu("benchmarks/throughput.py measures GPU training throughput"):
@@ -285,9 +283,6 @@ def main(argv=None) -> int:
     if args.one:  # one measurement in this process, its JSON on the last line
         name, path, zero = args.one
         cfg = config(name, int(zero), args.batch, args.compile, args.set)
-        if args.flat_blocks:
-            import flat_blocks
-            flat_blocks.use()
         times = (run_trainer if path == "trainer" else run_bare)(cfg, args)
         print(json.dumps({"times": times, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}))
         return 0
@@ -307,8 +302,7 @@ def main(argv=None) -> int:
                        "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
                     ["--compile", args.compile] + [f"--set={s}" for s in args.set] + \
                     (["--profile"] if args.profile else []) + \
-                    (["--sync-stacks"] if args.sync_stacks else []) + \
-                    (["--flat-blocks"] if args.flat_blocks else [])
+                    (["--sync-stacks"] if args.sync_stacks else [])
                 r = subprocess.run(one, capture_output=True, text=True)
                 if r.returncode != 0:
                     tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
@@ -323,7 +317,7 @@ def main(argv=None) -> int:
                 result = {
                     "model": name, "path": path, "zero_stage": zero if path == "trainer" else None,
                     "tag": args.tag, "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
-                    "compile": args.compile, "overrides": args.set, "flat_blocks": args.flat_blocks, "tokens_per_s": tokens, "step_s_median": med,
+                    "compile": args.compile, "overrides": args.set, "tokens_per_s": tokens, "step_s_median": med,
                     "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
                     "peak_mem_gb": got["peak_mem_gb"],
                     "mfu": tokens * perf.flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (peak * 1e12),

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a block's weights in one tensor, `blocks.N.params` (model.Block)
 CHECKPOINTS = "checkpoints"  # the run directory's folder Ray Train keeps them in
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 STATE = "state.json"

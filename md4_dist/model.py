@@ -90,31 +90,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero: shift, scale and gate from the time embedding."""
+    """Pre-norm transformer block with adaLN-Zero: shift, scale and gate from the time embedding.
+
+    Its weights live in one flat parameter, `params`, viewed as the named matrices of `weights()`.
+    ZeRO-3 gathers, reduces and re-partitions each parameter tensor with host work of its own
+    (about 470 Python calls a tensor a step, benchmarks/host_calls.py), and its step is bound by
+    that host work: one tensor a block instead of six ran MD4-S's ZeRO-3 step 27-45% faster on an
+    H100 (benchmarks/RESULTS.md, 2026-12-07)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.act = _ACTIVATIONS[cfg.mlp_type]
         self.eps = cfg.norm_eps
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.attn_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.mlp_in = nn.Linear(cfg.dim, 2 * cfg.hidden, bias=False)  # [activation input | value]
-        self.mlp_out = nn.Linear(cfg.hidden, cfg.dim, bias=False)
-        self.ada = nn.Linear(cfg.time_dim, 6 * cfg.dim)  # zero-initialised: blocks start as identity
+        D, H, T = cfg.dim, cfg.hidden, cfg.time_dim
+        self.shapes = {  # the linear maps, weight [out, in] as nn.Linear's, and one bias
+            "qkv": (3 * D, D), "attn_out": (D, D),
+            "mlp_in": (2 * H, D),  # [activation input | value]
+            "mlp_out": (D, H),
+            "ada": (6 * D, T), "ada_bias": (6 * D,),  # zero-initialised: blocks start as identity
+        }
+        self.params = nn.Parameter(torch.empty(sum(math.prod(s) for s in self.shapes.values())))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Views of `params`, split again at each call so that ZeRO-3's gathered tensor is read."""
+        sizes = [math.prod(s) for s in self.shapes.values()]
+        return {name: t.view(shape) for (name, shape), t in zip(self.shapes.items(), self.params.split(sizes))}
 
     def forward(self, h, cond, cos, sin):
         # h: [B, L, D], cond: [B, time_dim]
         B, L, D = h.shape
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(self.act(cond))[:, None].chunk(6, -1)
+        w = self.weights()
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = F.linear(
+            self.act(cond), w["ada"], w["ada_bias"])[:, None].chunk(6, -1)
         x = F.layer_norm(h, (D,), eps=self.eps) * (1 + scale_a) + shift_a
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = F.linear(x, w["qkv"]).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, hd], bidirectional
-        h = h + gate_a * self.attn_out(attn.transpose(1, 2).reshape(B, L, D))
+        h = h + gate_a * F.linear(attn.transpose(1, 2).reshape(B, L, D), w["attn_out"])
         x = F.layer_norm(h, (D,), eps=self.eps) * (1 + scale_m) + shift_m
-        gate, value = self.mlp_in(x).chunk(2, -1)
-        return h + gate_m * self.mlp_out(self.act(gate) * value)
+        gate, value = F.linear(x, w["mlp_in"]).chunk(2, -1)
+        return h + gate_m * F.linear(self.act(gate) * value, w["mlp_out"])
 
 
 class Blocks(nn.ModuleList):
@@ -174,12 +190,13 @@ class Denoiser(nn.Module):
             nn.init.zeros_(lin.bias)
         mlp_scale = 2.0 / cfg.n_layers if cfg.depth_scaled_init else 1.0
         for blk in self.blocks:
-            _trunc_normal_(blk.qkv.weight)
-            _trunc_normal_(blk.attn_out.weight)
-            _trunc_normal_(blk.mlp_in.weight, mlp_scale)
-            _trunc_normal_(blk.mlp_out.weight, mlp_scale)
-            nn.init.zeros_(blk.ada.weight)
-            nn.init.zeros_(blk.ada.bias)
+            w = blk.weights()
+            _trunc_normal_(w["qkv"])
+            _trunc_normal_(w["attn_out"])
+            _trunc_normal_(w["mlp_in"], mlp_scale)
+            _trunc_normal_(w["mlp_out"], mlp_scale)
+            nn.init.zeros_(w["ada"])
+            nn.init.zeros_(w["ada_bias"])
         nn.init.zeros_(self.out_ada.weight)
         nn.init.zeros_(self.out_ada.bias)
         nn.init.zeros_(self.out.weight)

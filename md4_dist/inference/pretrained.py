@@ -39,7 +39,9 @@ from md4_dist.model import Denoiser, ModelConfig
 from md4_dist.strict_config import ConfigError, from_dict, to_dict
 from md4_dist.tokenizer import FILE_NAMES, load_tokenizer, parse_tokenizer, read_tokenizer
 
-EXPORT_FORMAT_VERSION = 1  # config.json's; a format of its own, apart from a training checkpoint's
+# config.json's; a format of its own, apart from a training checkpoint's. 2: a block's weights in
+# one tensor, `denoiser.blocks.N.params` (model.Block)
+EXPORT_FORMAT_VERSION = 2
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the tokenizer's file: FILE_NAMES[its kind]
 OUTPUT_WEIGHT = "denoiser.out.weight"
 
