@@ -3,9 +3,10 @@
 # whole trunk one compiled graph and, at ZeRO-3, one gathered unit) against "block", with each
 # block's weights in one tensor (model.Block.params; before 2026-12-07, six), issue 19, batch 16,
 # reduce-overhead. Commands under the 10-minute limit, a pair on the same warm machine:
-# `bash compile_unit.sh 1` for GenMD4-S, then MD4-S: the trunk at ZeRO-3, then the block at
-# ZeRO-3 and ZeRO-1 (the baselines); then gpu_check.py for GenMD4-S at ZeRO-3 with the trunk
-# (owt_large's model and stage) (about 9 minutes); `... 1s` GenMD4-S's ZeRO-3 pair alone, 12
+# `bash compile_unit.sh 1` GenMD4-S (the configs' model) at ZeRO-3 and ZeRO-1 with the block,
+# at ZeRO-3 with the trunk, then gpu_check.py for it at the configs' stages (ZeRO-2, owt_small;
+# ZeRO-3, owt_large) (about 7 minutes); `... 1m` both models' trunk at ZeRO-3 and block at ZeRO-3
+# and ZeRO-1; `... 1s` GenMD4-S's ZeRO-3 pair alone, 12
 # steps after 5 (about 4 minutes, for a short budget); `... 1n` MD4-S's trunk with DeepSpeed's
 # NVTX ranges on; `... 1h` benchmarks/head_kernels.py; `... 1o` the official step first and both
 # units at ZeRO-1 and ZeRO-3 (the full table, when device time allows); `... 2` gpu_check.py with
@@ -19,12 +20,14 @@ row() {  # row LIMIT_S THROUGHPUT_ARGS...: the whole log kept, the result lines 
 }
 mode=${1:-1}
 case $mode in
-  1) for m in genmd4-s md4-s; do
+  1) row 150 --models genmd4-s --zero 3 1 --tag block
+     row 120 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
+     timeout 240 python3 benchmarks/gpu_check.py --models genmd4-s --zero 2 3 --compile reduce-overhead --tag flat-blocks \
+       --out $R 2>&1 | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log ;;
+  1m) for m in md4-s genmd4-s; do
        row 150 --models $m --zero 3 --tag trunk --set train.compile_unit=trunk
        row 150 --models $m --zero 3 1 --tag block
-     done
-     timeout 200 python3 benchmarks/gpu_check.py --models genmd4-s --zero 3 --compile reduce-overhead \
-       --set train.compile_unit=trunk --tag trunk --out $R 2>&1 | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log ;;
+     done ;;
   1s) for unit in trunk block; do  # GenMD4-S's ZeRO-3 pair alone, for a device budget of about 5 minutes
        row 150 --models genmd4-s --zero 3 --steps 12 --warmup 5 --tag $unit --set train.compile_unit=$unit
      done ;;
@@ -37,5 +40,5 @@ case $mode in
   3) for unit in block trunk; do
        row 260 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit --set train.compile_unit=$unit
      done ;;
-  *) echo "usage: $0 1|1s|1n|1h|1o|2|3" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1m|1s|1n|1h|1o|2|3" >&2; exit 2 ;;
 esac
