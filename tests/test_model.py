@@ -77,3 +77,20 @@ def test_bad_config_and_input():
         den(torch.rand(2, 5), torch.rand(2))
     with pytest.raises(ValueError, match="^t "):
         den(torch.zeros(2, 5, dtype=torch.int64), torch.rand(3))
+
+
+def test_block_weights_are_views_of_one_flat_parameter():
+    """A block holds one parameter (ZeRO-3's host work is per tensor); its named matrices are
+    views that tile it in order, and the loss reaches every one of them."""
+    den = randomised()
+    blk = den.blocks[0]
+    assert [n for n, _ in blk.named_parameters()] == ["params"]
+    w = blk.weights()
+    assert {n: tuple(t.shape) for n, t in w.items()} == blk.shapes
+    offsets = [t.data_ptr() - blk.params.data_ptr() for t in w.values()]
+    sizes = [t.numel() * t.element_size() for t in w.values()]
+    assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert sum(sizes) == blk.params.numel() * blk.params.element_size()
+    den(torch.randint(0, TINY.vocab_size + 1, (2, 8)), torch.rand(2)).square().sum().backward()
+    grads = dict(zip(w, blk.params.grad.split([t.numel() for t in w.values()])))
+    assert all(g.abs().sum() > 0 for g in grads.values()), {n: float(g.abs().sum()) for n, g in grads.items()}
