@@ -111,6 +111,15 @@ class Block(nn.Module):
             "ada": (6 * D, T), "ada_bias": (6 * D,),  # zero-initialised: blocks start as identity
         }
         self.params = nn.Parameter(torch.empty(sum(math.prod(s) for s in self.shapes.values())))
+        # nn.Linear's own initialisation, drawn as the block of six tensors (format version 1)
+        # drew it before Denoiser.reset_parameters overwrote it: so a seed still gives the same
+        # weights, and every run the same trajectory, as then
+        w = self.weights()
+        with torch.no_grad():
+            for name in ("qkv", "attn_out", "mlp_in", "mlp_out", "ada"):
+                nn.init.kaiming_uniform_(w[name], a=math.sqrt(5))
+            bound = 1 / math.sqrt(T)
+            w["ada_bias"].uniform_(-bound, bound)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Views of `params`, split again at each call so that ZeRO-3's gathered tensor is read."""

@@ -6,7 +6,8 @@
 # `bash compile_unit.sh 1` GenMD4-S (the configs' model) at ZeRO-3 and ZeRO-1 with the block,
 # at ZeRO-3 with the trunk, then gpu_check.py for it at the configs' stages (ZeRO-2, owt_small;
 # ZeRO-3, owt_large) (about 7 minutes); `... 1m` both models' trunk at ZeRO-3 and block at ZeRO-3
-# and ZeRO-1; `... 1s` GenMD4-S's ZeRO-3 pair alone, 12
+# and ZeRO-1; `... 1q` gpu_check.py for GenMD4-S at ZeRO-3, then its block rows (about 5 minutes,
+# for a short budget); `... 1t` its block rows alone, 12 steps after 5; `... 1s` GenMD4-S's ZeRO-3 pair alone, 12
 # steps after 5 (about 4 minutes, for a short budget); `... 1n` MD4-S's trunk with DeepSpeed's
 # NVTX ranges on; `... 1h` benchmarks/head_kernels.py; `... 1o` the official step first and both
 # units at ZeRO-1 and ZeRO-3 (the full table, when device time allows); `... 2` gpu_check.py with
@@ -24,6 +25,10 @@ case $mode in
      row 120 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
      timeout 240 python3 benchmarks/gpu_check.py --models genmd4-s --zero 2 3 --compile reduce-overhead --tag flat-blocks \
        --out $R 2>&1 | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log ;;
+  1q) timeout 150 python3 benchmarks/gpu_check.py --models genmd4-s --zero 3 --compile reduce-overhead --tag flat-blocks \
+       --out $R 2>&1 | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log
+     row 150 --models genmd4-s --zero 3 1 --tag block ;;
+  1t) row 150 --models genmd4-s --zero 3 1 --steps 12 --warmup 5 --tag block ;;  # the least device time
   1m) for m in md4-s genmd4-s; do
        row 150 --models $m --zero 3 --tag trunk --set train.compile_unit=trunk
        row 150 --models $m --zero 3 1 --tag block
@@ -40,5 +45,5 @@ case $mode in
   3) for unit in block trunk; do
        row 260 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit --set train.compile_unit=$unit
      done ;;
-  *) echo "usage: $0 1|1m|1s|1n|1h|1o|2|3" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3" >&2; exit 2 ;;
 esac
