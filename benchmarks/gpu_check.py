@@ -19,7 +19,7 @@ For the same weights, tokens and noise (so the same masks):
    ZeRO stage given, compiled and not. Pass: every step's loss within 1e-2 relative. The eager
    losses move by far more over the 10 steps (reported), so a compiled step that replayed stale
    weights would not follow them.
-The zero-initialised layers (adaLN, the output layer) get small random weights first, or the
+The zero-initialised weights (adaLN, the output layer) get small random values first, or the
 logits would all be 0 and the comparison empty; then every weight is rounded to bf16, so that
 both sides hold the same weights and (GenMD4's masks depend on its exponents) the same masks,
 and the comparison measures bf16 compute alone. `--set` applies config overrides (e.g.

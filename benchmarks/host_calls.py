@@ -9,8 +9,8 @@ MD4-S's module structure (throughput.py's config: 12 blocks, the same parameters
 tiny widths so the CPU's arithmetic stays small: the function calls of the trainer's step
 (`loop.micro_step` in the trainer's DeepSpeed engine, eager, bf16, one process over gloo,
 DeepSpeed's CPU accelerator), grouped by where the function lives (deepspeed, torch, md4_dist,
-the rest: builtins and tensor methods), and DeepSpeed's functions with the most self time. Call counts are exact; the times are cProfile's and this
-CPU's, for ranking only.
+the rest: builtins and tensor methods), and DeepSpeed's functions with the most self time. Call
+counts are exact; the times are cProfile's and this CPU's, for ranking only.
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ class Block(nn.Module):
             "mlp_out": (D, H),
             "ada": (6 * D, T), "ada_bias": (6 * D,),  # zero-initialised: blocks start as identity
         }
-        self.params = nn.Parameter(torch.empty(sum(math.prod(s) for s in self.shapes.values())))
+        self.sizes = [math.prod(s) for s in self.shapes.values()]
+        self.params = nn.Parameter(torch.empty(sum(self.sizes)))
         # nn.Linear's own initialisation, drawn as the block of six tensors (format version 1)
         # drew it before Denoiser.reset_parameters overwrote it: so a seed still gives the same
         # weights, and every run the same trajectory, as then
@@ -123,8 +124,7 @@ class Block(nn.Module):
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Views of `params`, split again at each call so that ZeRO-3's gathered tensor is read."""
-        sizes = [math.prod(s) for s in self.shapes.values()]
-        return {name: t.view(shape) for (name, shape), t in zip(self.shapes.items(), self.params.split(sizes))}
+        return {name: t.view(shape) for (name, shape), t in zip(self.shapes.items(), self.params.split(self.sizes))}
 
     def forward(self, h, cond, cos, sin):
         # h: [B, L, D], cond: [B, time_dim]

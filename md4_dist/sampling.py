@@ -64,12 +64,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
-import numpy as np
 import torch
 
 from md4_dist.diffusion.checks import tokens as check_tokens
 from md4_dist.diffusion.schedules import MaskingSchedule
 from md4_dist.output_head import CountLater
+# row_seeds, time_grid and top_p_filter are also this module's interface (the docstring's examples)
+from md4_dist.sampling_draws import (Uniforms, alpha_at, draw, masked_fraction, row_seeds, scores, time_at_fraction,
+                                     time_grid, top_p_filter)
 
 # (z_t [B, L], t [B]) -> logits [B, L, V]: what the sampler draws from, e.g. a model.Denoiser
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -91,45 +93,6 @@ class Generated:
     calls_per_row: torch.Tensor  # [N] int64: the calls a row needed, as if drawn alone
 
 
-def time_grid(steps: int, grid: Literal["uniform", "cosine"], device=None) -> torch.Tensor:
-    """The times t_0 = 1 > t_1 > ... > t_steps = 0 (float64), [steps + 1].
-
-    Cosine: t <- cos(pi/2 (1 - t)), which takes small steps near t = 1 (the first, mostly masked
-    steps) and its largest near t = 0.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    t = 1.0 - torch.arange(steps + 1, device=device, dtype=torch.float64) / steps
-    if grid == "cosine":
-        t = torch.cos(math.pi / 2 * (1.0 - t))
-        t[-1] = 0.0  # cos(pi/2) is 6e-17, not 0
-    elif grid != "uniform":
-        raise ValueError(f"grid must be 'uniform' or 'cosine', got {grid!r}")
-    return t
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose mass reaches top_p, renormalised: [..., V] -> [..., V]."""
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly more likely tokens
-    keep_sorted = mass_before < top_p  # always keeps the most likely token
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    kept = probs * keep
-    return kept / kept.sum(-1, keepdim=True)
-
-
-def row_seeds(seed: int, first_row: int, n: int) -> list[int]:
-    """Seeds for rows first_row .. first_row + n - 1 of a run seeded by `seed`: a row's seed does
-    not depend on how the rows are batched. (SeedSequence mixes (seed, row), so different pairs
-    do not collide the way seed * K + row would.)"""
-    if first_row < 0 or n < 0:
-        raise ValueError(f"first_row and n must be >= 0, got {first_row}, {n}")
-    return [int(np.random.SeedSequence([seed, r]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-            for r in range(first_row, first_row + n)]
-
-
 def prefix_condition(prefix: Sequence[int], num_samples: int, seq_len: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(given, fixed) [num_samples, seq_len] that start every row with the prefix's tokens."""
@@ -141,79 +104,6 @@ def prefix_condition(prefix: Sequence[int], num_samples: int, seq_len: int
     fixed = torch.zeros((num_samples, seq_len), dtype=torch.bool)
     fixed[:, :len(prefix)] = True
     return given, fixed
-
-
-def _alpha(schedule: MaskingSchedule, t: float, batch: int, device, dtype) -> torch.Tensor:
-    """alpha at one time, shaped [B, 1, 1] (MD4) or [B, 1, V] (state dependent)."""
-    a = schedule.alpha(torch.full((batch,), t, device=device, dtype=dtype))
-    return a[:, None, None] if a.dim() == 1 else a[:, None, :]
-
-
-def _masked_fraction(schedule: MaskingSchedule, t: torch.Tensor) -> torch.Tensor:
-    """The expected fraction of the generated positions still masked at t [...] (float64): 1 at
-    t = 1. GenMD4's alpha_t(j) is averaged over the tokens j."""
-    def mean_alpha(t):
-        a = schedule.alpha(t)
-        return a.mean(-1) if schedule.state_dependent else a
-    one = torch.ones((), dtype=torch.float64, device=t.device)
-    return (1.0 - mean_alpha(t)) / (1.0 - mean_alpha(one))
-
-
-def _time_at_fraction(schedule: MaskingSchedule, fraction: torch.Tensor) -> torch.Tensor:
-    """The time t [N] whose expected masked fraction is `fraction` [N] (bisection; the fraction
-    grows with t). Below the fraction at t = 0 (the schedule's eps), 0."""
-    lo = torch.zeros_like(fraction, dtype=torch.float64)
-    hi = torch.ones_like(lo)
-    for _ in range(40):  # 2^-40: far below a float32 time's resolution
-        mid = (lo + hi) / 2
-        below = _masked_fraction(schedule, mid) < fraction
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    return hi
-
-
-class _Uniforms:
-    """One uniform in [0, 1) per position per call, [N, L]: from each row's own generator
-    (`seeds`), from one shared generator, or from the global RNG."""
-
-    def __init__(self, n: int, seq_len: int, device, generator, seeds):
-        self.shape, self.device, self.generator, self.rows = (n, seq_len), device, generator, None
-        self.seeds = seeds
-        if seeds is not None:
-            self.rows = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-    def restart(self, key: int) -> None:
-        """Each row's stream anew from (its seed, key): a row's draws in a block then do not
-        depend on how many calls the batch made before it (a row finished early, or with nothing
-        to do in a block, still draws while others work)."""
-        if self.rows is not None:
-            for g, s in zip(self.rows, self.seeds):
-                g.manual_seed(row_seeds(int(s), key, 1)[0])
-
-    def __call__(self) -> torch.Tensor:
-        if self.rows is None:
-            return torch.rand(self.shape, generator=self.generator, device=self.device)
-        return torch.stack([torch.rand(self.shape[1], generator=g, device=self.device)
-                            for g in self.rows])
-
-
-def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw per position: probs [..., K] (mass may sum to less than 1), u [...] ->
-    the index of the category u falls in, K where u lies past the mass. Row by row, so a row's
-    draw does not depend on the others."""
-    cdf = probs.cumsum(-1)  # [..., K]
-    return torch.searchsorted(cdf, u[..., None].to(cdf.dtype), right=True).squeeze(-1)
-
-
-def _scores(probs: torch.Tensor, candidate: torch.Tensor, order: str) -> torch.Tensor:
-    """How sure the denoiser is at each position, probs [..., V] -> [...]: higher is surer."""
-    if order == "confidence":
-        return probs.gather(-1, candidate[..., None]).squeeze(-1)
-    if order == "margin":
-        if probs.shape[-1] < 2:
-            return probs[..., 0]
-        top2 = probs.topk(2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
-    return torch.special.xlogy(probs, probs).sum(-1)  # minus the entropy
 
 
 def _check(schedule, num_samples, seq_len, steps, sampler, top_p, threshold, temperature, given,
@@ -364,7 +254,7 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
                              f"{tuple(fixed.shape)}")
         z = torch.where(fixed.to(z.device), given.to(z.device), z)
     free = z == V  # [N, L]: the positions to generate
-    uniforms = _Uniforms(num_samples, seq_len, z.device, generator, seeds)
+    uniforms = Uniforms(num_samples, seq_len, z.device, generator, seeds)
     dtype = torch.float32
     bf16 = precision == "bf16" or (precision == "auto" and z.device.type == "cuda")
     logits_at = _RowLogits(denoiser, batch_invariant, bf16, full_logits, compile, z.device)
@@ -382,8 +272,8 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
         slack = 1.0 + 8 * V * torch.finfo(dtype).eps
         for i in range(steps):
             t, s = float(times[i]), float(times[i + 1])
-            a_t = _alpha(schedule, t, num_samples, z.device, dtype)
-            a_s = _alpha(schedule, s, num_samples, z.device, dtype)
+            a_t = alpha_at(schedule, t, num_samples, z.device, dtype)
+            a_s = alpha_at(schedule, s, num_samples, z.device, dtype)
             ratio = ((a_s - a_t) / (1.0 - a_t))[:, 0]  # [N, 1] or [N, V]: unmask as token j
             u = uniforms()  # [N, L]
             select = z == V
@@ -395,7 +285,7 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
                 probs = torch.softmax(logits[c], -1, dtype=dtype)
                 if sampler == "topp":
                     probs = top_p_filter(probs, top_p)
-                choice[c] = _draw(probs * ratio[row_of[c]], u.view(-1)[rows[c]])  # V: stays masked
+                choice[c] = draw(probs * ratio[row_of[c]], u.view(-1)[rows[c]])  # V: stays masked
             flat[rows] = choice.clamp_(max=V)
         # Always, not only when a mask is left: a data-dependent branch would cost a host sync,
         # and under ZeRO-3 every rank must run the same forwards.
@@ -418,7 +308,7 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
             # masks of the block left after each grid step, what the ancestral sampler leaves in
             # expectation; none after the last ([N, block_steps + 1])
             left = torch.round(todo.sum(-1, dtype=torch.float64)[:, None]
-                               * _masked_fraction(schedule, times)[None]).long()
+                               * masked_fraction(schedule, times)[None]).long()
             left[:, -1] = 0
             for i in range(block_steps):
                 masked = z == V  # [N, L]
@@ -427,7 +317,7 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
                     break
                 if sampler == "threshold" or len(blocks) > 1:  # the time of the masks left
                     fraction = masked.sum(-1) / n_free.clamp(min=1)
-                    t = _time_at_fraction(schedule, fraction.to(torch.float64)).to(dtype)
+                    t = time_at_fraction(schedule, fraction.to(torch.float64)).to(dtype)
                 else:
                     t = torch.full((num_samples,), float(times[i]), device=z.device)
                 u = uniforms()  # drawn at temperature 0 too: a row's stream is the same either way
@@ -438,10 +328,10 @@ def generate(denoiser: LogitsFn, schedule: MaskingSchedule, num_samples: int, se
                 for c in _chunks(len(rows)):  # [c, V] float32 at a time
                     lg = logits[c] if temperature in (0, 1) else logits[c].to(dtype) / temperature
                     probs = torch.softmax(lg, -1, dtype=dtype)
-                    cand = (_draw(probs, u.view(-1)[rows[c]]).clamp_(max=V - 1) if temperature > 0
+                    cand = (draw(probs, u.view(-1)[rows[c]]).clamp_(max=V - 1) if temperature > 0
                             else probs.argmax(-1))
                     candidate[rows[c]] = cand
-                    score[rows[c]] = _scores(probs, cand,
+                    score[rows[c]] = scores(probs, cand,
                                              "confidence" if sampler == "threshold" else sampler)
                 candidate, score = candidate.view(shape), score.view(shape)
                 if sampler == "threshold":

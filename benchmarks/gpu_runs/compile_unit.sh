@@ -3,45 +3,48 @@
 # whole trunk one compiled graph and, at ZeRO-3, one gathered unit) against "block", with each
 # block's weights in one tensor (model.Block.params; before 2026-12-07, six), issue 19, batch 16,
 # reduce-overhead. Commands under the 10-minute limit, a pair on the same warm machine:
-# `bash compile_unit.sh 1` GenMD4-S (the configs' model) at ZeRO-3 and ZeRO-1 with the block,
-# at ZeRO-3 with the trunk, then gpu_check.py for it at the configs' stages (ZeRO-2, owt_small;
-# ZeRO-3, owt_large) (about 7 minutes); `... 1m` both models' trunk at ZeRO-3 and block at ZeRO-3
-# and ZeRO-1; `... 1q` gpu_check.py for GenMD4-S at ZeRO-3, then its block rows (about 5 minutes,
-# for a short budget); `... 1t` its block rows alone, 12 steps after 5; `... 1s` GenMD4-S's ZeRO-3 pair alone, 12
-# steps after 5 (about 4 minutes, for a short budget); `... 1n` MD4-S's trunk with DeepSpeed's
-# NVTX ranges on; `... 1h` benchmarks/head_kernels.py; `... 1o` the official step first and both
-# units at ZeRO-1 and ZeRO-3 (the full table, when device time allows); `... 2` gpu_check.py with
-# the trunk, both models at ZeRO-1 and ZeRO-3; `... 3` the 1.3B preset at ZeRO-3, batch 16, block
-# then trunk (its MFU; the trunk holds 2.6 GB more of whole parameters).
+#   1   GenMD4-S (the configs' model), the block at ZeRO-3 and ZeRO-1, the trunk at ZeRO-3, then
+#       gpu_check.py at the configs' stages (ZeRO-2, owt_small; ZeRO-3, owt_large): about 7 min
+#   1q  gpu_check.py for GenMD4-S at ZeRO-3, then its block rows: about 5 min
+#   1t  GenMD4-S's block rows alone, 12 steps after 5: the least device time
+#   1m  both models: the trunk at ZeRO-3, the block at ZeRO-3 and ZeRO-1
+#   1s  GenMD4-S's ZeRO-3 pair (trunk, block), 12 steps after 5: about 4 min
+#   1n  MD4-S's trunk with DeepSpeed's NVTX ranges on
+#   1h  benchmarks/head_kernels.py
+#   1o  the official step first, then both units at ZeRO-1 and ZeRO-3 (the full table)
+#   2   gpu_check.py with the trunk, both models at ZeRO-1 and ZeRO-3
+#   3   the 1.3B preset at ZeRO-3, batch 16, block then trunk (its MFU; the trunk holds 2.6 GB
+#       more of whole parameters)
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
 row() {  # row LIMIT_S THROUGHPUT_ARGS...: the whole log kept, the result lines shown
   timeout "$1" $T "${@:2}" 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|official\|failed" | tee -a $OUT/c_unit.log
 }
+check() {  # check LIMIT_S GPU_CHECK_ARGS...: likewise for benchmarks/gpu_check.py
+  timeout "$1" python3 benchmarks/gpu_check.py --compile reduce-overhead --out $R "${@:2}" 2>&1 \
+    | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee -a $OUT/c_check.log
+}
 mode=${1:-1}
 case $mode in
   1) row 150 --models genmd4-s --zero 3 1 --tag block
      row 120 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
-     timeout 240 python3 benchmarks/gpu_check.py --models genmd4-s --zero 2 3 --compile reduce-overhead --tag flat-blocks \
-       --out $R 2>&1 | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log ;;
-  1q) timeout 150 python3 benchmarks/gpu_check.py --models genmd4-s --zero 3 --compile reduce-overhead --tag flat-blocks \
-       --out $R 2>&1 | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log
+     check 240 --models genmd4-s --zero 2 3 --tag flat-blocks ;;
+  1q) check 150 --models genmd4-s --zero 3 --tag flat-blocks
      row 150 --models genmd4-s --zero 3 1 --tag block ;;
-  1t) row 150 --models genmd4-s --zero 3 1 --steps 12 --warmup 5 --tag block ;;  # the least device time
+  1t) row 150 --models genmd4-s --zero 3 1 --steps 12 --warmup 5 --tag block ;;
   1m) for m in md4-s genmd4-s; do
        row 150 --models $m --zero 3 --tag trunk --set train.compile_unit=trunk
        row 150 --models $m --zero 3 1 --tag block
      done ;;
-  1s) for unit in trunk block; do  # GenMD4-S's ZeRO-3 pair alone, for a device budget of about 5 minutes
+  1s) for unit in trunk block; do
        row 150 --models genmd4-s --zero 3 --steps 12 --warmup 5 --tag $unit --set train.compile_unit=$unit
      done ;;
   1h) timeout 60 python3 benchmarks/head_kernels.py --genmd4 2>&1 | tail -4 | tee $OUT/c_head.log ;;
   1n) row 120 --models md4-s --zero 3 --tag trunk-nvtx --set train.compile_unit=trunk --set deepspeed.nvtx_ranges=true ;;
   1o) row 330 --official --models md4-s genmd4-s --zero 1 3 --tag block
       row 200 --models md4-s genmd4-s --zero 1 3 --tag trunk --set train.compile_unit=trunk ;;
-  2) timeout 560 python3 benchmarks/gpu_check.py --models md4-s genmd4-s --zero 1 3 --compile reduce-overhead \
-       --set train.compile_unit=trunk --tag trunk --out $R 2>&1 | grep -a "pass\|FAIL\|Error" | tee $OUT/c_check.log ;;
+  2) check 560 --models md4-s genmd4-s --zero 1 3 --set train.compile_unit=trunk --tag trunk ;;
   3) for unit in block trunk; do
        row 260 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit --set train.compile_unit=$unit
      done ;;

@@ -26,6 +26,7 @@ MODULES = {
     "md4_dist.output_head": "output_head.py",
     "md4_dist.diffusion.schedules": "schedules.py",
     "md4_dist.diffusion.checks": "checks.py",
+    "md4_dist.sampling_draws": "sampling_draws.py",
     "md4_dist.sampling": "sampling.py",
 }
 MODEL_TYPE = "md4"  # modeling_md4.MD4Config.model_type
