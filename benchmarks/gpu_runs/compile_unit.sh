@@ -15,6 +15,9 @@
 #   2   gpu_check.py with the trunk, both models at ZeRO-1 and ZeRO-3
 #   3   the 1.3B preset at ZeRO-3, batch 16, block then trunk (its MFU; the trunk holds 2.6 GB
 #       more of whole parameters)
+#   5   what one call owes first, in order of value: GenMD4-S's trunk at ZeRO-3, its block at
+#       ZeRO-3 and ZeRO-1, gpu_check at ZeRO-3 with the trunk and at ZeRO-2 with the block
+#       (owt_small's), then the 1.3B preset's trunk at ZeRO-3: about 9 min
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
@@ -48,5 +51,10 @@ case $mode in
   3) for unit in block trunk; do
        row 260 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit --set train.compile_unit=$unit
      done ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3" >&2; exit 2 ;;
+  5) row 130 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
+     row 100 --models genmd4-s --zero 3 1 --tag block
+     check 130 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
+     check 90 --models genmd4-s --zero 2 --tag block
+     row 120 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag trunk --set train.compile_unit=trunk ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5" >&2; exit 2 ;;
 esac
