@@ -74,6 +74,10 @@ class TrainConfig:
     # N_masked x V x 2 bytes (bf16) held per micro-batch, about 0.8 GB for 16 x 1024 tokens half
     # masked (GenMD4, with two masks: twice that)
     head_keeps_logits: bool = False
+    # the kernels scaled_dot_product_attention may use in the trainer's blocks, the first that
+    # serves the shape preferred ("cudnn", "flash", "efficient", "math"); empty: torch's own set
+    # and order (flash first). On Hopper, cuDNN's attention is the faster one (benchmarks/RESULTS.md)
+    attention_kernels: tuple[Literal["cudnn", "flash", "efficient", "math"], ...] = ()
 
     def __post_init__(self):
         if self.steps < 1 or self.global_batch < 1 or self.micro_batch < 1:
@@ -83,6 +87,8 @@ class TrainConfig:
                              f"micro_batch ({self.micro_batch})")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
+        if len(set(self.attention_kernels)) != len(self.attention_kernels):
+            raise ValueError(f"attention_kernels names a kernel twice: {list(self.attention_kernels)}")
 
 
 @dataclass

@@ -199,6 +199,41 @@ def test_trunk_compiled_as_one_graph_trains_as_eager():
     assert grads["denoiser.blocks.0.params"].abs().sum() > 0
 
 
+def _attention_ops(model) -> set[str]:
+    """The attention kernels (aten ops) that one eager forward of the trainer's module runs."""
+    from md4_dist.trainer.inputs import model_inputs
+    from md4_dist.trainer.noise import TRAIN, NoiseByPosition
+
+    noise = NoiseByPosition(0, TRAIN, 2, 12, 1, True, torch.device("cpu"))
+    inputs, _ = model_inputs({"tokens": torch.randint(0, 50, (2, 12)), "positions": torch.arange(2)},
+                             noise, torch.device("cpu"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(*inputs)
+    return {e.name for e in prof.events() if "_scaled_dot_product" in e.name}
+
+
+def test_attention_kernels_limit_and_order_what_the_blocks_run():
+    """train.attention_kernels reaches the blocks: with ["math"] they run the math kernel where
+    the default runs the CPU's flash kernel; ["cudnn", "math"] (cuDNN cannot serve a CPU tensor)
+    falls to the next named, not to an unnamed one; torch's own choice is back after each call;
+    with train.compile the compiled trunk still gives the eager loss."""
+    from md4_dist.trainer.engine import build_model
+
+    sets = lambda *extra: config_from_dict(TINY | {"diffusion": {"kind": "md4", "schedule": "cosine"}}, list(extra))
+    default = _attention_ops(build_model(sets()))
+    assert default == {"aten::_scaled_dot_product_flash_attention_for_cpu"}
+    for names in ('["math"]', '["cudnn", "math"]'):
+        ops = _attention_ops(build_model(sets(f"train.attention_kernels={names}")))
+        assert ops == {"aten::_scaled_dot_product_attention_math"}, names
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    base_loss = _trainer_step_grads("md4", [])[1]
+    loss = _trainer_step_grads("md4", ["train.compile=default", "train.compile_unit=trunk",
+                                       'train.attention_kernels=["math"]'])[1]
+    torch.testing.assert_close(loss, base_loss, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="attention_kernels names a kernel twice"):
+        sets('train.attention_kernels=["flash", "flash"]')
+
+
 @pytest.mark.parametrize("ranges", [False, True])
 def test_deepspeeds_nvtx_ranges_follow_the_config(ranges):
     """deepspeed.nvtx_ranges (default false) reaches DeepSpeed's switch for the NVTX ranges it

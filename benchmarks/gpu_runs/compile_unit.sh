@@ -15,9 +15,12 @@
 #   2   gpu_check.py with the trunk, both models at ZeRO-1 and ZeRO-3
 #   3   the 1.3B preset at ZeRO-3, batch 16, block then trunk (its MFU; the trunk holds 2.6 GB
 #       more of whole parameters)
-#   5   what one call owes first, in order of value: GenMD4-S's trunk at ZeRO-3, its block at
-#       ZeRO-3 and ZeRO-1, gpu_check at ZeRO-3 with the trunk and at ZeRO-2 with the block
-#       (owt_small's), then the 1.3B preset's trunk at ZeRO-3: about 9 min
+#   5   what one call owes first, in order of value: GenMD4-S's trunk at ZeRO-3 with torch's
+#       attention kernels and with cuDNN's alone (train.attention_kernels), its block at ZeRO-1
+#       likewise, gpu_check at ZeRO-3 with the trunk and cuDNN, then the 1.3B preset's trunk
+#       with cuDNN at ZeRO-3: about 9.5 min
+#   6   the rest: the official step, then MD4-S's rows as in 5, gpu_check at ZeRO-2 (owt_small's)
+#       with the block and cuDNN, the 1.3B preset's block with cuDNN
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
@@ -28,6 +31,9 @@ check() {  # check LIMIT_S GPU_CHECK_ARGS...: likewise for benchmarks/gpu_check.
   timeout "$1" python3 benchmarks/gpu_check.py --compile reduce-overhead --out $R "${@:2}" 2>&1 \
     | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee -a $OUT/c_check.log
 }
+set -f  # the JSON lists below are words, not patterns
+TRUNK="--set train.compile_unit=trunk"
+CUDNN='--set train.attention_kernels=["cudnn"]'  # cuDNN's kernels or an error, no other
 mode=${1:-1}
 case $mode in
   1) row 150 --models genmd4-s --zero 3 1 --tag block
@@ -51,10 +57,17 @@ case $mode in
   3) for unit in block trunk; do
        row 260 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit --set train.compile_unit=$unit
      done ;;
-  5) row 130 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
-     row 100 --models genmd4-s --zero 3 1 --tag block
-     check 130 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
-     check 90 --models genmd4-s --zero 2 --tag block
-     row 120 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag trunk --set train.compile_unit=trunk ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5" >&2; exit 2 ;;
+  5) row 130 --models genmd4-s --zero 3 --tag trunk $TRUNK
+     row 70 --models genmd4-s --zero 3 --tag trunk-cudnn $TRUNK $CUDNN
+     row 100 --models genmd4-s --zero 1 --tag block
+     row 70 --models genmd4-s --zero 1 --tag block-cudnn $CUDNN
+     check 120 --models genmd4-s --zero 3 --tag trunk-cudnn $TRUNK $CUDNN
+     row 100 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag trunk-cudnn $TRUNK $CUDNN ;;
+  6) row 200 --official --models md4-s --zero 3 --tag trunk $TRUNK
+     row 70 --models md4-s --zero 3 --tag trunk-cudnn $TRUNK $CUDNN
+     row 100 --models md4-s --zero 1 --tag block
+     row 70 --models md4-s --zero 1 --tag block-cudnn $CUDNN
+     check 120 --models genmd4-s --zero 2 --tag block-cudnn $CUDNN
+     row 100 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag block-cudnn $CUDNN ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6" >&2; exit 2 ;;
 esac

@@ -53,12 +53,31 @@ def build_model(cfg: Config) -> DiffusionModel:
         # slower than ZeRO-0 on a GPU), and the unit's forward, free of hooks, compiles into one
         # graph.
         set_z3_leaf_modules(model, [Blocks if trunk else Block])
-    if cfg.train.compile != "off":
-        for unit in [model.denoiser.blocks] if trunk else model.denoiser.blocks:
+    for unit in [model.denoiser.blocks] if trunk else model.denoiser.blocks:
+        forward = unit.forward
+        if cfg.train.compile != "off":
             # the forward only: ZeRO-3's hooks around it stay eager
-            unit.forward = _when_training(torch.compile(unit.forward, mode=cfg.train.compile),
-                                          unit.forward)
+            forward = _when_training(torch.compile(forward, mode=cfg.train.compile), forward)
+        if cfg.train.attention_kernels:
+            forward = _attention_kernels(forward, cfg.train.attention_kernels)
+        if forward != unit.forward:
+            unit.forward = forward
     return model
+
+
+def _attention_kernels(forward, names):
+    """`forward` with scaled_dot_product_attention limited to these kernels, in this order of
+    preference (train.attention_kernels). Entered around the compiled callable, so that the
+    kernel is chosen when the graph is traced as well as in eager calls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = [{"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[n] for n in names]
+
+    def run(*args):
+        with sdpa_kernel(kernels, set_priority=True):
+            return forward(*args)
+    return run
 
 
 def _when_training(compiled, eager):
