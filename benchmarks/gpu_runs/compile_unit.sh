@@ -25,9 +25,11 @@ set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
 row() {  # row LIMIT_S THROUGHPUT_ARGS...: the whole log kept, the result lines shown
+  unlock_builds
   timeout "$1" $T "${@:2}" 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|official\|failed" | tee -a $OUT/c_unit.log
 }
 check() {  # check LIMIT_S GPU_CHECK_ARGS...: likewise for benchmarks/gpu_check.py
+  unlock_builds
   timeout "$1" python3 benchmarks/gpu_check.py --compile reduce-overhead --out $R "${@:2}" 2>&1 \
     | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee -a $OUT/c_check.log
 }
