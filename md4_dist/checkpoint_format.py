@@ -28,7 +28,8 @@ from typing import Callable
 
 import torch
 
-FORMAT_VERSION = 2  # 2: a block's weights in one tensor, `blocks.N.params` (model.Block)
+FORMAT_VERSION = 3  # 2: a block's weights in one tensor, `blocks.N.params` (model.Block); 3: the
+# time MLP's and the output adaLN's too, `time.params` (model.TimeConditioning)
 CHECKPOINTS = "checkpoints"  # the run directory's folder Ray Train keeps them in
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 STATE = "state.json"

@@ -89,42 +89,75 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero: shift, scale and gate from the time embedding.
+class FlatLinears(nn.Module):
+    """Linear maps held in one flat parameter, `params`, viewed as the named weights [out, in] and
+    biases (`NAME_bias`) of `weights()`. ZeRO-3 gathers, reduces and re-partitions each parameter
+    tensor with host work of its own (about 470 Python calls a tensor a step,
+    benchmarks/host_calls.py), and its step is bound by that host work: one tensor a block
+    instead of six ran MD4-S's ZeRO-3 step 27-45% faster on an H100 (benchmarks/RESULTS.md,
+    2026-12-07)."""
 
-    Its weights live in one flat parameter, `params`, viewed as the named matrices of `weights()`.
-    ZeRO-3 gathers, reduces and re-partitions each parameter tensor with host work of its own
-    (about 470 Python calls a tensor a step, benchmarks/host_calls.py), and its step is bound by
-    that host work: one tensor a block instead of six ran MD4-S's ZeRO-3 step 27-45% faster on an
-    H100 (benchmarks/RESULTS.md, 2026-12-07)."""
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.act = _ACTIVATIONS[cfg.mlp_type]
-        self.eps = cfg.norm_eps
-        D, H, T = cfg.dim, cfg.hidden, cfg.time_dim
-        self.shapes = {  # the linear maps, weight [out, in] as nn.Linear's, and one bias
-            "qkv": (3 * D, D), "attn_out": (D, D),
-            "mlp_in": (2 * H, D),  # [activation input | value]
-            "mlp_out": (D, H),
-            "ada": (6 * D, T), "ada_bias": (6 * D,),  # zero-initialised: blocks start as identity
-        }
-        self.sizes = [math.prod(s) for s in self.shapes.values()]
+        self.shapes = shapes
+        self.sizes = [math.prod(s) for s in shapes.values()]
         self.params = nn.Parameter(torch.empty(sum(self.sizes)))
-        # nn.Linear's own initialisation, drawn as the block of six tensors (format version 1)
-        # drew it before Denoiser.reset_parameters overwrote it: so a seed still gives the same
-        # weights, and every run the same trajectory, as then
-        w = self.weights()
-        with torch.no_grad():
-            for name in ("qkv", "attn_out", "mlp_in", "mlp_out", "ada"):
-                nn.init.kaiming_uniform_(w[name], a=math.sqrt(5))
-            bound = 1 / math.sqrt(T)
-            w["ada_bias"].uniform_(-bound, bound)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Views of `params`, split again at each call so that ZeRO-3's gathered tensor is read."""
         return {name: t.view(shape) for (name, shape), t in zip(self.shapes.items(), self.params.split(self.sizes))}
+
+    @torch.no_grad()
+    def linear_draws(self, *names: str) -> None:
+        """nn.Linear's own initialisation of these weights and their biases. The layout of
+        separate tensors (format version 1) drew it in each nn.Linear's constructor, and
+        Denoiser.reset_parameters overwrites every value drawn; but the draws advance the random
+        generator (by one number an entry, whatever their order), so drawing them still gives a
+        seed the weights, and every run the trajectory, it had then."""
+        w = self.weights()
+        for name in names:
+            nn.init.kaiming_uniform_(w[name], a=math.sqrt(5))
+            if name + "_bias" in w:
+                bound = 1 / math.sqrt(w[name].shape[1])
+                w[name + "_bias"].uniform_(-bound, bound)
+
+
+class TimeConditioning(FlatLinears):
+    """The time embedding [B, time_dim] -> (cond [B, time_dim], which every block's adaLN reads;
+    the output norm's shift and scale [B, 1, D]): the time MLP and the output adaLN, both
+    functions of t alone, in one tensor."""
+
+    def __init__(self, cfg: ModelConfig):
+        T, D = cfg.time_dim, cfg.dim
+        super().__init__({"mlp_in": (4 * T, T), "mlp_in_bias": (4 * T,),
+                          "mlp_out": (T, 4 * T), "mlp_out_bias": (T,),
+                          "out_ada": (2 * D, T), "out_ada_bias": (2 * D,)})  # zero-initialised
+        self.act = _ACTIVATIONS[cfg.mlp_type]
+        self.linear_draws("mlp_in", "mlp_out", "out_ada")
+
+    def forward(self, emb):
+        w = self.weights()
+        cond = F.linear(F.silu(F.linear(emb, w["mlp_in"], w["mlp_in_bias"])), w["mlp_out"], w["mlp_out_bias"])
+        shift, scale = F.linear(self.act(cond), w["out_ada"], w["out_ada_bias"])[:, None].chunk(2, -1)
+        return cond, shift, scale
+
+
+class Block(FlatLinears):
+    """Pre-norm transformer block with adaLN-Zero: shift, scale and gate from the time embedding;
+    its six weights in one tensor (FlatLinears)."""
+
+    def __init__(self, cfg: ModelConfig):
+        D, H, T = cfg.dim, cfg.hidden, cfg.time_dim
+        super().__init__({
+            "qkv": (3 * D, D), "attn_out": (D, D),
+            "mlp_in": (2 * H, D),  # [activation input | value]
+            "mlp_out": (D, H),
+            "ada": (6 * D, T), "ada_bias": (6 * D,),  # zero-initialised: blocks start as identity
+        })
+        self.n_heads = cfg.n_heads
+        self.act = _ACTIVATIONS[cfg.mlp_type]
+        self.eps = cfg.norm_eps
+        self.linear_draws("qkv", "attn_out", "mlp_in", "mlp_out", "ada")
 
     def forward(self, h, cond, cos, sin):
         # h: [B, L, D], cond: [B, time_dim]
@@ -178,12 +211,9 @@ class Denoiser(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.act = _ACTIVATIONS[cfg.mlp_type]
         self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.dim)
-        self.time_mlp = nn.Sequential(
-            nn.Linear(cfg.time_dim, 4 * cfg.time_dim), nn.SiLU(), nn.Linear(4 * cfg.time_dim, cfg.time_dim))
+        self.time = TimeConditioning(cfg)
         self.blocks = Blocks(Block(cfg) for _ in range(cfg.n_layers))
-        self.out_ada = nn.Linear(cfg.time_dim, 2 * cfg.dim)
         self.out = OutputLayer(cfg.dim, cfg.vocab_size)
         # masked_stats projects every row, with no host-read count, when the whole module is
         # traced as one graph (DeepSpeed's DeepCompile; trainer.engine sets it)
@@ -194,9 +224,12 @@ class Denoiser(nn.Module):
     def reset_parameters(self):
         cfg = self.cfg
         nn.init.normal_(self.embed.weight, std=cfg.dim ** -0.5)
-        for lin in (self.time_mlp[0], self.time_mlp[2]):
-            _trunc_normal_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        w = self.time.weights()
+        for name in ("mlp_in", "mlp_out"):
+            _trunc_normal_(w[name])
+            nn.init.zeros_(w[name + "_bias"])
+        nn.init.zeros_(w["out_ada"])
+        nn.init.zeros_(w["out_ada_bias"])
         mlp_scale = 2.0 / cfg.n_layers if cfg.depth_scaled_init else 1.0
         for blk in self.blocks:
             w = blk.weights()
@@ -206,8 +239,6 @@ class Denoiser(nn.Module):
             _trunc_normal_(w["mlp_out"], mlp_scale)
             nn.init.zeros_(w["ada"])
             nn.init.zeros_(w["ada_bias"])
-        nn.init.zeros_(self.out_ada.weight)
-        nn.init.zeros_(self.out_ada.bias)
         nn.init.zeros_(self.out.weight)
 
     def hidden(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -221,10 +252,9 @@ class Denoiser(nn.Module):
         if t.shape != zt.shape[:1]:
             raise ValueError(f"t must have shape [B] = {tuple(zt.shape[:1])}, got {tuple(t.shape)}")
         L = zt.shape[1]
-        cond = self.time_mlp(timestep_embedding(t, cfg.time_dim).to(self.embed.weight.dtype))
+        cond, shift, scale = self.time(timestep_embedding(t, cfg.time_dim).to(self.embed.weight.dtype))
         cos, sin = rope_tables(L, cfg.dim // cfg.n_heads, cfg.rope_theta, zt.device)
         h = self.blocks(self.embed(zt), cond, cos, sin)
-        shift, scale = self.out_ada(self.act(cond))[:, None].chunk(2, -1)
         return F.layer_norm(h, (cfg.dim,), eps=cfg.norm_eps) * (1 + scale) + shift
 
     def forward(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -79,18 +79,22 @@ def test_bad_config_and_input():
         den(torch.zeros(2, 5, dtype=torch.int64), torch.rand(3))
 
 
-def test_block_weights_are_views_of_one_flat_parameter():
-    """A block holds one parameter (ZeRO-3's host work is per tensor); its named matrices are
-    views that tile it in order, and the loss reaches every one of them."""
+@pytest.mark.parametrize("part", ["block", "time"])
+def test_flat_weights_are_views_of_one_parameter(part):
+    """A block, and the time conditioning (the time MLP and the output adaLN), each hold one
+    parameter (ZeRO-3's host work is per tensor); their named weights are views that tile it in
+    order, and the loss reaches every one of them. The denoiser holds no other small tensors."""
     den = randomised()
-    blk = den.blocks[0]
-    assert [n for n, _ in blk.named_parameters()] == ["params"]
-    w = blk.weights()
-    assert {n: tuple(t.shape) for n, t in w.items()} == blk.shapes
-    offsets = [t.data_ptr() - blk.params.data_ptr() for t in w.values()]
+    mod = den.blocks[0] if part == "block" else den.time
+    assert [n for n, _ in mod.named_parameters()] == ["params"]
+    w = mod.weights()
+    assert {n: tuple(t.shape) for n, t in w.items()} == mod.shapes
+    offsets = [t.data_ptr() - mod.params.data_ptr() for t in w.values()]
     sizes = [t.numel() * t.element_size() for t in w.values()]
     assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
-    assert sum(sizes) == blk.params.numel() * blk.params.element_size()
+    assert sum(sizes) == mod.params.numel() * mod.params.element_size()
     den(torch.randint(0, TINY.vocab_size + 1, (2, 8)), torch.rand(2)).square().sum().backward()
-    grads = dict(zip(w, blk.params.grad.split([t.numel() for t in w.values()])))
+    grads = dict(zip(w, mod.params.grad.split([t.numel() for t in w.values()])))
     assert all(g.abs().sum() > 0 for g in grads.values()), {n: float(g.abs().sum()) for n, g in grads.items()}
+    assert [n for n, _ in den.named_parameters()] == \
+        ["embed.weight", "time.params"] + [f"blocks.{i}.params" for i in range(TINY.n_layers)] + ["out.weight"]

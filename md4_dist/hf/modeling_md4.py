@@ -35,7 +35,7 @@ class MD4Config(PretrainedConfig):
 
     def __init__(self, model: dict | None = None, diffusion: dict | None = None, seq_len: int = 1024,
                  eos_id: int | None = None, tokenizer: dict | None = None, source: dict | None = None,
-                 format_version: int = 2, **kwargs):  # pretrained.EXPORT_FORMAT_VERSION
+                 format_version: int = 3, **kwargs):  # pretrained.EXPORT_FORMAT_VERSION
         self.model = dict(model or {})
         self.diffusion = dict(diffusion or {"kind": "md4", "schedule": "linear"})
         self.seq_len, self.eos_id, self.tokenizer = seq_len, eos_id, tokenizer

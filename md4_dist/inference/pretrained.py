@@ -40,8 +40,9 @@ from md4_dist.strict_config import ConfigError, from_dict, to_dict
 from md4_dist.tokenizer import FILE_NAMES, load_tokenizer, parse_tokenizer, read_tokenizer
 
 # config.json's; a format of its own, apart from a training checkpoint's. 2: a block's weights in
-# one tensor, `denoiser.blocks.N.params` (model.Block)
-EXPORT_FORMAT_VERSION = 2
+# one tensor, `denoiser.blocks.N.params` (model.Block); 3: the time MLP's and the output adaLN's
+# too, `denoiser.time.params` (model.TimeConditioning)
+EXPORT_FORMAT_VERSION = 3
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the tokenizer's file: FILE_NAMES[its kind]
 OUTPUT_WEIGHT = "denoiser.out.weight"
 
