@@ -112,8 +112,8 @@ class FlatLinears(nn.Module):
         """nn.Linear's own initialisation of these weights and their biases. The layout of
         separate tensors (format version 1) drew it in each nn.Linear's constructor, and
         Denoiser.reset_parameters overwrites every value drawn; but the draws advance the random
-        generator (by one number an entry, whatever their order), so drawing them still gives a
-        seed the weights, and every run the trajectory, it had then."""
+        generator (uniform draws: a fixed count an entry, whatever their order), so drawing them
+        gives a seed the weights, and every run the trajectory, it had then."""
         w = self.weights()
         for name in names:
             nn.init.kaiming_uniform_(w[name], a=math.sqrt(5))

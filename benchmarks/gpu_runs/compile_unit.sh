@@ -21,6 +21,8 @@
 #       with cuDNN at ZeRO-3: about 9.5 min
 #   6   the rest: the official step, then MD4-S's rows as in 5, gpu_check at ZeRO-2 (owt_small's)
 #       with the block and cuDNN, the 1.3B preset's block with cuDNN
+#   7   the goals' table at the configs' settings (block, torch's attention): the official step,
+#       then MD4-S and GenMD4-S at ZeRO-1, 2 and 3, then gpu_check for GenMD4-S at ZeRO-3: 9 min
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
@@ -71,5 +73,7 @@ case $mode in
      row 70 --models md4-s --zero 1 --tag block-cudnn $CUDNN
      check 120 --models genmd4-s --zero 2 --tag block-cudnn $CUDNN
      row 100 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag block-cudnn $CUDNN ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6" >&2; exit 2 ;;
+  7) row 420 --official --models md4-s genmd4-s --zero 1 2 3 --tag block
+     check 150 --models genmd4-s --zero 3 --tag block ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7" >&2; exit 2 ;;
 esac
