@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--models md4-s genmd4-s genmd4-1.3b] [--paths trainer bare]
         [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5] [--compile off|default|reduce-overhead]
-        [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official]
+        [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official] [--repeats 1]
 
 Paths:
 - trainer: the step exactly as the trainer runs it: `DiffusionModel` in a DeepSpeed engine built
@@ -271,12 +271,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-stacks", action="store_true", help="with --profile: where each wait is")
     ap.add_argument("--official", action="store_true", help="run the official md4 step first "
                     "(benchmarks/official_step.py, md4's source in .peer/) and record it in each row")
+    ap.add_argument("--repeats", type=int, default=1, help="measure every row this many times, each in "
+                    "a process of its own, round after round; then each row's median and range")
     ap.add_argument("--tag", default="", help="a label for this configuration, in the JSON and the table")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the MFU's peak; default: trainer/perf.py's measured figure for the GPU")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "PATH", "ZERO"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if not require_gpu("benchmarks/throughput.py measures GPU training throughput"):
         return 2
     set_up_distributed()
@@ -294,47 +298,57 @@ def main(argv=None) -> int:
     peak = args.peak_tflops or perf.measured_peak(device_name) or matmul
     print(f"{device_name}: bf16 dense product {matmul:.0f} TFLOP/s now; MFU against {peak:.0f}", flush=True)
     command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
-    for name in args.models:
-        for path in args.paths:
-            for zero in (args.zero if path == "trainer" else [0]):
-                # A process each: a clean GPU for the peak memory, an out-of-memory one stays one row.
-                one = [sys.executable, __file__, "--one", name, path, str(zero), "--batch", str(args.batch),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
-                    ["--compile", args.compile] + [f"--set={s}" for s in args.set] + \
-                    (["--profile"] if args.profile else []) + \
-                    (["--sync-stacks"] if args.sync_stacks else [])
-                r = subprocess.run(one, capture_output=True, text=True)
-                if r.returncode != 0:
-                    tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
-                    print(f"{name:12s} {path:8s} zero={zero} {args.tag} failed: {' | '.join(tail)}", flush=True)
-                    continue
-                if args.profile:
-                    print(r.stderr[r.stderr.find("----"):], flush=True)
-                got = json.loads(r.stdout.strip().splitlines()[-1])
-                times, cfg = got["times"], config(name, zero, args.batch, args.compile, args.set)
-                med = statistics.median(times)
-                tokens = args.batch * SEQ_LEN / med
-                result = {
-                    "model": name, "path": path, "zero_stage": zero if path == "trainer" else None,
-                    "tag": args.tag, "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
-                    "compile": args.compile, "overrides": args.set, "tokens_per_s": tokens, "step_s_median": med,
-                    "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
-                    "peak_mem_gb": got["peak_mem_gb"],
-                    "mfu": tokens * perf.flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (peak * 1e12),
-                    "peak_tflops": peak, "matmul_tflops_now": matmul,
-                    "official_tokens_per_s": anchor.get(name),
-                    "x_official": tokens / anchor[name] if name in anchor else None,
-                    "date": datetime.date.today().isoformat(), "command": command,
-                }
-                stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-                tag = f"zero{zero}" if path == "trainer" else "torch"
-                label = f"-{args.tag}" if args.tag else ""
-                with open(os.path.join(args.out, f"{name}-{path}-{tag}{label}-{stamp}.json"), "w") as f:
-                    json.dump(result, f, indent=1)
-                ratio = f"  {result['x_official']:.2f}x official" if name in anchor else ""
-                print(f"{name:12s} {path:8s} {tag:6s} {args.tag:10s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
-                      f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})  "
-                      f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}{ratio}", flush=True)
+    rows = [(name, path, zero) for name in args.models for path in args.paths
+            for zero in (args.zero if path == "trainer" else [0])]
+    # --repeats: every row again, in the same order each round (A B A B), so that a drift of the
+    # host or the GPU falls on every row alike; ZeRO-3's host-bound step moves by 10% between
+    # processes (benchmarks/RESULTS.md, 2026-12-07)
+    measured = {}
+    for rep in range(args.repeats):
+        for name, path, zero in rows:
+            # A process each: a clean GPU for the peak memory, an out-of-memory one stays one row.
+            one = [sys.executable, __file__, "--one", name, path, str(zero), "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
+                ["--compile", args.compile] + [f"--set={s}" for s in args.set] + \
+                (["--profile"] if args.profile else []) + \
+                (["--sync-stacks"] if args.sync_stacks else [])
+            r = subprocess.run(one, capture_output=True, text=True)
+            if r.returncode != 0:
+                tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
+                print(f"{name:12s} {path:8s} zero={zero} {args.tag} failed: {' | '.join(tail)}", flush=True)
+                continue
+            if args.profile:
+                print(r.stderr[r.stderr.find("----"):], flush=True)
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            times, cfg = got["times"], config(name, zero, args.batch, args.compile, args.set)
+            med = statistics.median(times)
+            tokens = args.batch * SEQ_LEN / med
+            result = {
+                "model": name, "path": path, "zero_stage": zero if path == "trainer" else None,
+                "tag": args.tag, "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
+                "compile": args.compile, "overrides": args.set, "tokens_per_s": tokens, "step_s_median": med,
+                "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
+                "peak_mem_gb": got["peak_mem_gb"],
+                "mfu": tokens * perf.flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (peak * 1e12),
+                "peak_tflops": peak, "matmul_tflops_now": matmul,
+                "official_tokens_per_s": anchor.get(name),
+                "x_official": tokens / anchor[name] if name in anchor else None,
+                "date": datetime.date.today().isoformat(), "command": command, "repeat": rep,
+            }
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+            tag = f"zero{zero}" if path == "trainer" else "torch"
+            label = f"-{args.tag}" if args.tag else ""
+            measured.setdefault((name, tag), []).append(tokens)
+            with open(os.path.join(args.out, f"{name}-{path}-{tag}{label}-{stamp}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+            ratio = f"  {result['x_official']:.2f}x official" if name in anchor else ""
+            print(f"{name:12s} {path:8s} {tag:6s} {args.tag:10s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
+                  f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})  "
+                  f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}{ratio}", flush=True)
+    if args.repeats > 1:
+        for (name, tag), got in measured.items():
+            print(f"{name:12s} {tag:6s} {args.tag:10s} over {len(got)} processes: median {statistics.median(got):,.0f} "
+                  f"tok/s (min {min(got):,.0f}, max {max(got):,.0f})", flush=True)
     return 0
 
 
