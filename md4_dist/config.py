@@ -76,7 +76,8 @@ class TrainConfig:
     head_keeps_logits: bool = False
     # the kernels scaled_dot_product_attention may use in the trainer's blocks, the first that
     # serves the shape preferred ("cudnn", "flash", "efficient", "math"); empty: torch's own set
-    # and order (flash first). On Hopper, cuDNN's attention is the faster one (benchmarks/RESULTS.md)
+    # and order (flash first). cuDNN's ran within the spread of flash here on an H100
+    # (benchmarks/RESULTS.md, 2026-12-07); it is reported faster on Hopper for other shapes
     attention_kernels: tuple[Literal["cudnn", "flash", "efficient", "math"], ...] = ()
 
     def __post_init__(self):

@@ -219,7 +219,8 @@ def test_attention_kernels_limit_and_order_what_the_blocks_run():
     with train.compile the compiled trunk still gives the eager loss."""
     from md4_dist.trainer.engine import build_model
 
-    sets = lambda *extra: config_from_dict(TINY | {"diffusion": {"kind": "md4", "schedule": "cosine"}}, list(extra))
+    def sets(*extra):
+        return config_from_dict(TINY | {"diffusion": {"kind": "md4", "schedule": "cosine"}}, list(extra))
     default = _attention_ops(build_model(sets()))
     assert default == {"aten::_scaled_dot_product_flash_attention_for_cpu"}
     for names in ('["math"]', '["cudnn", "math"]'):

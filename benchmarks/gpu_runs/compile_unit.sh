@@ -41,23 +41,23 @@ CUDNN='--set train.attention_kernels=["cudnn"]'  # cuDNN's kernels or an error, 
 mode=${1:-1}
 case $mode in
   1) row 150 --models genmd4-s --zero 3 1 --tag block
-     row 120 --models genmd4-s --zero 3 --tag trunk --set train.compile_unit=trunk
+     row 120 --models genmd4-s --zero 3 --tag trunk $TRUNK
      check 240 --models genmd4-s --zero 2 3 --tag flat-blocks ;;
   1q) check 150 --models genmd4-s --zero 3 --tag flat-blocks
      row 150 --models genmd4-s --zero 3 1 --tag block ;;
   1t) row 150 --models genmd4-s --zero 3 1 --steps 12 --warmup 5 --tag block ;;
   1m) for m in md4-s genmd4-s; do
-       row 150 --models $m --zero 3 --tag trunk --set train.compile_unit=trunk
+       row 150 --models $m --zero 3 --tag trunk $TRUNK
        row 150 --models $m --zero 3 1 --tag block
      done ;;
   1s) for unit in trunk block; do
        row 150 --models genmd4-s --zero 3 --steps 12 --warmup 5 --tag $unit --set train.compile_unit=$unit
      done ;;
   1h) timeout 60 python3 benchmarks/head_kernels.py --genmd4 2>&1 | tail -4 | tee $OUT/c_head.log ;;
-  1n) row 120 --models md4-s --zero 3 --tag trunk-nvtx --set train.compile_unit=trunk --set deepspeed.nvtx_ranges=true ;;
+  1n) row 120 --models md4-s --zero 3 --tag trunk-nvtx $TRUNK --set deepspeed.nvtx_ranges=true ;;
   1o) row 330 --official --models md4-s genmd4-s --zero 1 3 --tag block
-      row 200 --models md4-s genmd4-s --zero 1 3 --tag trunk --set train.compile_unit=trunk ;;
-  2) check 560 --models md4-s genmd4-s --zero 1 3 --set train.compile_unit=trunk --tag trunk ;;
+      row 200 --models md4-s genmd4-s --zero 1 3 --tag trunk $TRUNK ;;
+  2) check 560 --models md4-s genmd4-s --zero 1 3 $TRUNK --tag trunk ;;
   3) for unit in block trunk; do
        row 260 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag $unit --set train.compile_unit=$unit
      done ;;

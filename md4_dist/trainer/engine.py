@@ -53,6 +53,8 @@ def build_model(cfg: Config) -> DiffusionModel:
         # slower than ZeRO-0 on a GPU), and the unit's forward, free of hooks, compiles into one
         # graph.
         set_z3_leaf_modules(model, [Blocks if trunk else Block])
+    if cfg.train.compile == "off" and not cfg.train.attention_kernels:
+        return model
     for unit in [model.denoiser.blocks] if trunk else model.denoiser.blocks:
         forward = unit.forward
         if cfg.train.compile != "off":
@@ -60,8 +62,7 @@ def build_model(cfg: Config) -> DiffusionModel:
             forward = _when_training(torch.compile(forward, mode=cfg.train.compile), forward)
         if cfg.train.attention_kernels:
             forward = _attention_kernels(forward, cfg.train.attention_kernels)
-        if forward != unit.forward:
-            unit.forward = forward
+        unit.forward = forward
     return model
 
 
