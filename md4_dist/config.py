@@ -304,6 +304,9 @@ class Config:
             raise ValueError(f"train.compile_unit={self.train.compile_unit!r} does nothing under "
                              "deepspeed.deepcompile, which takes the whole module as one graph: "
                              "leave it at 'block'")
+        if self.deepspeed.deepcompile and self.train.attention_kernels:
+            raise ValueError(f"train.attention_kernels={list(self.train.attention_kernels)} does nothing under "
+                             "deepspeed.deepcompile, which compiles the whole module itself: leave it empty")
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:

@@ -233,6 +233,8 @@ def test_attention_kernels_limit_and_order_what_the_blocks_run():
     torch.testing.assert_close(loss, base_loss, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="attention_kernels names a kernel twice"):
         sets('train.attention_kernels=["flash", "flash"]')
+    with pytest.raises(ValueError, match=r"train.attention_kernels=\['cudnn'\] does nothing under deepspeed.deepcompile"):
+        sets('train.attention_kernels=["cudnn"]', "deepspeed.deepcompile=true", "deepspeed.zero_stage=3")
 
 
 @pytest.mark.parametrize("ranges", [False, True])
