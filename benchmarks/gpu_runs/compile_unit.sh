@@ -22,7 +22,9 @@
 #   6   the rest: the official step, then MD4-S's rows as in 5, gpu_check at ZeRO-2 (owt_small's)
 #       with the block and cuDNN, the 1.3B preset's block with cuDNN
 #   7   the goals' table at the configs' settings (block, torch's attention): the official step,
-#       then MD4-S and GenMD4-S at ZeRO-1, 2 and 3, then gpu_check for GenMD4-S at ZeRO-3: 9 min
+#       then MD4-S and GenMD4-S at ZeRO-1, 2 and 3: about 9 min
+#   7c  gpu_check at the configs' settings for GenMD4-S: ZeRO-3 (owt_large's stage), ZeRO-2 with
+#       the kept logits (owt_small's), then the 1.3B preset at ZeRO-3, batch 16: about 9 min
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
@@ -73,7 +75,9 @@ case $mode in
      row 70 --models md4-s --zero 1 --tag block-cudnn $CUDNN
      check 120 --models genmd4-s --zero 2 --tag block-cudnn $CUDNN
      row 100 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag block-cudnn $CUDNN ;;
-  7) row 420 --official --models md4-s genmd4-s --zero 1 2 3 --tag block
-     check 150 --models genmd4-s --zero 3 --tag block ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7" >&2; exit 2 ;;
+  7) row 570 --official --models md4-s genmd4-s --zero 1 2 3 --tag block ;;
+  7c) check 150 --models genmd4-s --zero 3 --tag block
+     check 150 --models genmd4-s --zero 2 --tag block-kept --set train.head_keeps_logits=true
+     row 250 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag block ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c" >&2; exit 2 ;;
 esac
