@@ -1,6 +1,6 @@
 """Correctness of the GPU training step (a check run on the GPU machine, not a CPU test).
 
-    python benchmarks/gpu_check.py [--models md4-s genmd4-s] [--zero 0 3] [--batch 4]
+    python benchmarks/gpu_check.py [--models md4-s genmd4-s configs/owt_small.json] [--zero 0 3] [--batch 4]
         [--compile off|default|reduce-overhead] [--set KEY=VALUE ... --tag NAME]
 
 For the same weights, tokens and noise (so the same masks):
@@ -43,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import SEQ_LEN, SHAPES, batches, config, require_gpu, set_up_distributed, trainer_engine  # noqa: E402,E501
+from throughput import (SEQ_LEN, SHAPES, batches, config, label, model_arg, require_gpu,  # noqa: E402
+                        set_up_distributed, trainer_engine)
 
 from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import masks_per_sequence, objective  # noqa: E402
@@ -118,10 +119,13 @@ def masked_against_full(cfg, model, x, noise, keep_logits: bool = False) -> dict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["md4-s", "genmd4-s"], choices=SHAPES)
+    ap.add_argument("--models", nargs="+", default=["md4-s", "genmd4-s"], type=model_arg,
+                    help=f"shapes ({', '.join(SHAPES)}) or config files (.json), as throughput.py's")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--zero", nargs="+", type=int, default=[0, 3])
-    ap.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"])
+    ap.add_argument("--zero", nargs="+", type=int, default=None,
+                    help="ZeRO stages (default: 0 3 for a shape, a config file's own)")
+    ap.add_argument("--compile", default=None, choices=["off", "default", "reduce-overhead"],
+                    help="default: off for a shape, a config file's own")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every trainer step checked (repeatable)")
     ap.add_argument("--tag", default="", help="a label for the overrides, in the JSON's file name")
@@ -133,13 +137,14 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     ok = True
     for name in args.models:
-        cfg = config(name, 0, args.batch, args.compile)
+        cfg = config(name, 0 if name in SHAPES else None, args.batch, args.compile, args.set)
+        mode, zeros = cfg.train.compile, args.zero or ([0, 3] if name in SHAPES else [cfg.deepspeed.zero_stage])
         model = weights(cfg)
         x = torch.randint(0, cfg.model.vocab_size, (args.batch, SEQ_LEN), generator=torch.Generator().manual_seed(1))
         noise = NoiseByPosition(0, TRAIN, args.batch, SEQ_LEN, masks_per_sequence(cfg.diffusion), True,
                                 torch.device("cpu"))(torch.arange(args.batch))
-        result = {"model": name, "batch": args.batch, "seq_len": SEQ_LEN, "compile": args.compile,
-                  "set": args.set,
+        result = {"model": label(name), "config": None if name in SHAPES else name, "batch": args.batch,
+                  "seq_len": SEQ_LEN, "compile": mode, "set": args.set,
                   "device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
                   "command": " ".join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
                   "masked_vs_full": [masked_against_full(cfg, model, x, noise, keep)
@@ -147,28 +152,28 @@ def main(argv=None) -> int:
         with torch.no_grad():
             want = model(x, noise.t, noise.u)["loss"].item()  # float32, CPU
         result["bf16_vs_fp32"] = [
-            bf16_against_fp32(config(name, z, args.batch, args.compile, args.set), model, x, noise, want)
-            for z in args.zero]
+            bf16_against_fp32(config(name, z, args.batch, mode, args.set), model, x, noise, want)
+            for z in zeros]
         for m in result["masked_vs_full"]:
             backward = "kept logits" if m["head_keeps_logits"] else "recomputed logits"
-            print(f"{name}: masked rows ({backward}) vs full logits (fp32 GPU): loss "
+            print(f"{label(name)}: masked rows ({backward}) vs full logits (fp32 GPU): loss "
                   f"{m['loss_relative']:.1e}, worst gradient {m['grad_worst_relative']:.1e} "
                   f"{'pass' if m['pass'] else 'FAIL'}", flush=True)
             ok &= m["pass"]
         for b in result["bf16_vs_fp32"]:
-            print(f"{name}: ZeRO-{b['zero_stage']} bf16 GPU loss {b['loss_bf16_gpu']:.5f} vs fp32 CPU "
+            print(f"{label(name)}: ZeRO-{b['zero_stage']} bf16 GPU loss {b['loss_bf16_gpu']:.5f} vs fp32 CPU "
                   f"{b['loss_fp32_cpu']:.5f}: relative {b['relative']:.2e} {'pass' if b['pass'] else 'FAIL'}",
                   flush=True)
             ok &= b["pass"]
-        if args.compile != "off":
+        if mode != "off":
             result["compiled_vs_eager"] = [
-                compiled_against_eager(name, z, args.batch, args.compile, model, args.set) for z in args.zero]
+                compiled_against_eager(name, z, args.batch, mode, model, args.set) for z in zeros]
             for c in result["compiled_vs_eager"]:
-                print(f"{name}: ZeRO-{c['zero_stage']} 10 training steps, compile {args.compile} vs off: "
+                print(f"{label(name)}: ZeRO-{c['zero_stage']} 10 training steps, compile {mode} vs off: "
                       f"worst relative difference {c['worst_relative']:.1e} (the eager loss moved by up "
                       f"to {c['eager_moved_relative']:.1%}) {'pass' if c['pass'] else 'FAIL'}", flush=True)
                 ok &= c["pass"]
-        with open(os.path.join(args.out, f"check-{name}{'-' + args.tag if args.tag else ''}.json"), "w") as f:
+        with open(os.path.join(args.out, f"check-{label(name)}{'-' + args.tag if args.tag else ''}.json"), "w") as f:
             json.dump(result, f, indent=1)
     return 0 if ok else 1
 

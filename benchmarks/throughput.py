@@ -1,7 +1,8 @@
 """Training throughput on one GPU (a benchmark, not a test).
 
-    python benchmarks/throughput.py [--models md4-s genmd4-s genmd4-1.3b] [--paths trainer bare]
-        [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5] [--compile off|default|reduce-overhead]
+    python benchmarks/throughput.py [--models md4-s genmd4-s genmd4-1.3b configs/owt_small.json]
+        [--paths trainer bare] [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5]
+        [--compile off|default|reduce-overhead]
         [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official] [--repeats 1]
 
 Paths:
@@ -10,6 +11,9 @@ Paths:
   `loop.micro_step` per micro-batch, noise keyed by stream position.
 - bare: the same model and objective in plain PyTorch: fp32 weights, bf16 autocast,
   `torch.optim.AdamW(fused=True)`.
+A config file in --models gives rows at that file's settings (its model, objective, optimizer,
+DeepSpeed section and how train compiles the step; its ZeRO stage and compile mode unless --zero
+or --compile say otherwise), at --batch: what a run of that file does per GPU.
 Tokens/s counts clean tokens (batch x seq_len) per optimizer step time; GenMD4 runs each sequence
 twice (its two masks), which the FLOPs below count.
 
@@ -44,7 +48,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from md4_dist.config import Config, config_from_dict  # noqa: E402
+from md4_dist.config import Config, config_from_dict, load_config  # noqa: E402
 from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import DiffusionConfig, masks_per_sequence  # noqa: E402
 from md4_dist.model import ModelConfig  # noqa: E402
@@ -63,17 +67,52 @@ SEQ_LEN = 1024
 OFFICIAL = {"md4-s": "md4", "genmd4-s": "genmd4"}  # our shape -> the official step's MODELS name
 
 
-def config(name: str, zero: int, batch: int, compile_: str, sets: list[str] = ()) -> Config:
-    """The run's config; `sets` are `--set`-style overrides (e.g. deepspeed.persistence_threshold=0)."""
-    m, d = SHAPES[name]
-    return config_from_dict({
-        "model": vars(m) | {"mlp_type": m.mlp_type}, "diffusion": vars(d),
+# A config file's keys a row takes from it (train's: how the step is compiled and run); the rest
+# of the file (data, cluster, run directory, checkpoints, logging) does not enter one GPU's step.
+FILE_SECTIONS = ("model", "diffusion", "optim", "deepspeed")
+FILE_TRAIN_KEYS = ("compile", "compile_unit", "head_keeps_logits", "attention_kernels")
+
+
+def model_arg(name: str) -> str:
+    """--models' type: a shape of SHAPES, or a config file (a .json path) whose settings a row runs."""
+    if name in SHAPES or (name.endswith(".json") and os.path.isfile(name)):
+        return name
+    raise argparse.ArgumentTypeError(f"{name!r} is neither a shape ({', '.join(SHAPES)}) nor an existing "
+                                     ".json config file")
+
+
+def label(name: str) -> str:
+    """A row's name: the shape, or the config file's name without .json."""
+    return name if name in SHAPES else os.path.splitext(os.path.basename(name))[0]
+
+
+def config(name: str, zero: int | None, batch: int, compile_: str | None = None, sets: list[str] = ()) -> Config:
+    """The run's config. `name`: one of SHAPES, with the trainer's defaults; or a config file, with
+    its model, diffusion, optimizer, DeepSpeed and FILE_TRAIN_KEYS settings. `zero` and `compile_`
+    override it (None: the file's; a shape's compile is "off"); `sets` are `--set`-style overrides
+    (e.g. deepspeed.persistence_threshold=0). Batch and sequence length are the benchmark's."""
+    if name in SHAPES:
+        m, d = SHAPES[name]
+        base = {"model": vars(m) | {"mlp_type": m.mlp_type}, "diffusion": vars(d),
+                "optim": {"lr": 1e-4, "warmup_steps": 10}, "deepspeed": {"precision": "bf16"},
+                "train": {"compile": "off"}}
+        if zero is None:
+            raise ValueError(f"{name}: a shape needs a ZeRO stage")
+    else:
+        load_config(name)  # the file's own errors first, naming it
+        with open(name) as f:
+            data = json.load(f)
+        base = {k: data[k] for k in FILE_SECTIONS if k in data}
+        base["train"] = {k: v for k, v in data.get("train", {}).items() if k in FILE_TRAIN_KEYS}
+    base.setdefault("deepspeed", {})
+    if zero is not None:
+        base["deepspeed"]["zero_stage"] = zero
+    if compile_ is not None:
+        base["train"]["compile"] = compile_
+    return config_from_dict(base | {
         "data": {"manifest": "unused", "seq_len": SEQ_LEN},
-        "train": {"global_batch": batch, "micro_batch": batch, "steps": 10**6, "ema": 0.0,
-                  "compile": compile_},
-        "optim": {"lr": 1e-4, "warmup_steps": 10},
+        "train": base["train"] | {"global_batch": batch, "micro_batch": batch, "steps": 10**6, "ema": 0.0},
         "cluster": {"num_workers": 1, "use_gpu": True},
-        "deepspeed": {"zero_stage": zero, "precision": "bf16"},
     }, list(sets))
 
 
@@ -234,9 +273,17 @@ def matmul_tflops(n: int = 8192, repeats: int = 50) -> float:
     return 2 * n**3 / seconds / 1e12
 
 
-def official(models: list[str], batch: int) -> dict[str, float]:
+def official_name(name: str, sets: list[str] = ()) -> str | None:
+    """The official step's MODELS name for a row whose model and objective (after `sets`) are one
+    of OFFICIAL's shapes (a config file's too), else None."""
+    cfg = config(name, 0, 1, None, sets)
+    return next((o for shape, o in OFFICIAL.items() if (cfg.model, cfg.diffusion) == SHAPES[shape]), None)
+
+
+def official(models: list[str], batch: int, sets: list[str] = ()) -> dict[str, float]:
     """Tokens/s of the official md4 step per model of ours, measured now in its own process."""
-    names = [OFFICIAL[m] for m in models if m in OFFICIAL]
+    wanted = {m: official_name(m, sets) for m in models}
+    names = sorted({o for o in wanted.values() if o})
     if not names:
         return {}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "official_step.py")],
@@ -249,21 +296,24 @@ def official(models: list[str], batch: int) -> dict[str, float]:
     for row in rows:
         print(f"official {row['model']}: {row['tokens_per_s']:,} tok/s (batch {row['batch']}, mean of "
               f"20 steps)", flush=True)
-        ours = next(m for m in models if OFFICIAL.get(m) and row["model"].startswith(OFFICIAL[m] + "-"))
-        got[ours] = row["tokens_per_s"]
+        got |= {ours: row["tokens_per_s"] for ours, o in wanted.items() if o and row["model"].startswith(o + "-")}
     return got
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["md4-s", "genmd4-s"], choices=SHAPES)
+    ap.add_argument("--models", nargs="+", default=["md4-s", "genmd4-s"], type=model_arg,
+                    help=f"shapes ({', '.join(SHAPES)}) or config files (.json): a file's row runs its "
+                    "model, objective, optimizer, DeepSpeed and train.compile* settings at --batch")
     ap.add_argument("--paths", nargs="+", default=["trainer", "bare"], choices=["trainer", "bare"])
-    ap.add_argument("--zero", nargs="+", type=int, default=[0, 1, 3])
+    ap.add_argument("--zero", nargs="+", type=int, default=None,
+                    help="the trainer's ZeRO stages (default: 0 1 3 for a shape, a config file's own)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"],
-                    help="train.compile: torch.compile the blocks and the output layer's reductions")
+    ap.add_argument("--compile", default=None, choices=["off", "default", "reduce-overhead"],
+                    help="train.compile: torch.compile the blocks and the output layer's reductions "
+                    "(default: off for a shape, a config file's own)")
     ap.add_argument("--profile", action="store_true", help="profile 3 steps: top kernels, GPU busy "
                     "share, host waits")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -292,14 +342,19 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(args.out, exist_ok=True)
-    anchor = official(args.models, args.batch) if args.official else {}
+    anchor = official(args.models, args.batch, args.set) if args.official else {}
     device_name = torch.cuda.get_device_name(0)
     matmul = matmul_tflops()
     peak = args.peak_tflops or perf.measured_peak(device_name) or matmul
     print(f"{device_name}: bf16 dense product {matmul:.0f} TFLOP/s now; MFU against {peak:.0f}", flush=True)
     command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
+    def stages(name):
+        if args.zero:
+            return args.zero
+        return [0, 1, 3] if name in SHAPES else [config(name, None, args.batch).deepspeed.zero_stage]
+
     rows = [(name, path, zero) for name in args.models for path in args.paths
-            for zero in (args.zero if path == "trainer" else [0])]
+            for zero in (stages(name) if path == "trainer" else [0])]
     # --repeats: every row again, in the same order each round (A B A B), so that a drift of the
     # host or the GPU falls on every row alike; ZeRO-3's host-bound step moves by 10% between
     # processes (benchmarks/RESULTS.md, 2026-12-07)
@@ -309,13 +364,13 @@ def main(argv=None) -> int:
             # A process each: a clean GPU for the peak memory, an out-of-memory one stays one row.
             one = [sys.executable, __file__, "--one", name, path, str(zero), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
-                ["--compile", args.compile] + [f"--set={s}" for s in args.set] + \
+                (["--compile", args.compile] if args.compile else []) + [f"--set={s}" for s in args.set] + \
                 (["--profile"] if args.profile else []) + \
                 (["--sync-stacks"] if args.sync_stacks else [])
             r = subprocess.run(one, capture_output=True, text=True)
             if r.returncode != 0:
                 tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
-                print(f"{name:12s} {path:8s} zero={zero} {args.tag} failed: {' | '.join(tail)}", flush=True)
+                print(f"{label(name):12s} {path:8s} zero={zero} {args.tag} failed: {' | '.join(tail)}", flush=True)
                 continue
             if args.profile:
                 print(r.stderr[r.stderr.find("----"):], flush=True)
@@ -324,9 +379,10 @@ def main(argv=None) -> int:
             med = statistics.median(times)
             tokens = args.batch * SEQ_LEN / med
             result = {
-                "model": name, "path": path, "zero_stage": zero if path == "trainer" else None,
+                "model": label(name), "config": None if name in SHAPES else name, "path": path,
+                "zero_stage": zero if path == "trainer" else None,
                 "tag": args.tag, "device": device_name, "batch": args.batch, "seq_len": SEQ_LEN,
-                "compile": args.compile, "overrides": args.set, "tokens_per_s": tokens, "step_s_median": med,
+                "compile": cfg.train.compile, "overrides": args.set, "tokens_per_s": tokens, "step_s_median": med,
                 "step_s_min": min(times), "step_s_max": max(times), "steps": len(times),
                 "peak_mem_gb": got["peak_mem_gb"],
                 "mfu": tokens * perf.flops_per_token(cfg.model, cfg.diffusion, SEQ_LEN) / (peak * 1e12),
@@ -337,12 +393,12 @@ def main(argv=None) -> int:
             }
             stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
             tag = f"zero{zero}" if path == "trainer" else "torch"
-            label = f"-{args.tag}" if args.tag else ""
-            measured.setdefault((name, tag), []).append(tokens)
-            with open(os.path.join(args.out, f"{name}-{path}-{tag}{label}-{stamp}.json"), "w") as f:
+            suffix = f"-{args.tag}" if args.tag else ""
+            measured.setdefault((label(name), tag), []).append(tokens)
+            with open(os.path.join(args.out, f"{label(name)}-{path}-{tag}{suffix}-{stamp}.json"), "w") as f:
                 json.dump(result, f, indent=1)
             ratio = f"  {result['x_official']:.2f}x official" if name in anchor else ""
-            print(f"{name:12s} {path:8s} {tag:6s} {args.tag:10s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
+            print(f"{label(name):12s} {path:8s} {tag:6s} {args.tag:10s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
                   f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})  "
                   f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}{ratio}", flush=True)
     if args.repeats > 1:

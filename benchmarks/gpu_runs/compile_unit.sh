@@ -23,6 +23,11 @@
 #       with the block and cuDNN, the 1.3B preset's block with cuDNN
 #   7   the goals' table at the configs' settings (block, torch's attention): the official step,
 #       then MD4-S and GenMD4-S at ZeRO-1, 2 and 3: about 9 min
+#   8   the goals' table from the files: configs/owt_small.json's own settings (GenMD4-S, kept
+#       logits) at ZeRO-2 (its stage), 3 and 1, then the same with MD4's objective, each after its
+#       official step: about 8 min
+#   8c  gpu_check of configs/owt_small.json at ZeRO-2 and 3, then configs/owt_large.json's
+#       settings at batch 16 (the 1.3B preset's MFU): about 7 min
 #   7c  gpu_check at the configs' settings for GenMD4-S: ZeRO-3 (owt_large's stage), ZeRO-2 with
 #       the kept logits (owt_small's), then the 1.3B preset at ZeRO-3, batch 16: about 9 min
 set -u
@@ -79,5 +84,10 @@ case $mode in
   7c) check 150 --models genmd4-s --zero 3 --tag block
      check 150 --models genmd4-s --zero 2 --tag block-kept --set train.head_keeps_logits=true
      row 250 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag block ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c" >&2; exit 2 ;;
+  8) row 300 --official --models configs/owt_small.json --zero 2 3 1 --tag file
+     row 240 --official --models configs/owt_small.json --zero 2 3 1 --tag file-md4 \
+       --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
+  8c) check 200 --models configs/owt_small.json --zero 2 3 --tag file
+     row 250 --models configs/owt_large.json --batch 16 --steps 10 --warmup 4 --tag file ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c" >&2; exit 2 ;;
 esac
