@@ -47,9 +47,12 @@ def one(model: str, zero: int, unit: str, steps: int, top: int) -> None:
     from md4_dist.trainer.noise import TRAIN, NoiseByPosition
 
     B, L, V = 4, 128, 512  # throughput.py's shape (its layers and parameters), at tiny widths
+    # ZeRO-3 keeps a tensor of at most deepspeed.persistence_threshold (100,000) elements whole. At
+    # full width only GenMD4's schedule (V entries) is that small; at these widths every tensor
+    # is, so the threshold is V here: the same tensors partitioned as on the GPU.
     cfg = config(model, zero, B, "off", [f"model.vocab_size={V}", "model.dim=64", "model.n_heads=4",
                                          "model.time_dim=16", f"data.seq_len={L}", "cluster.use_gpu=false",
-                                         f"train.compile_unit={unit}"])
+                                         f"train.compile_unit={unit}", f"deepspeed.persistence_threshold={V}"])
     set_up_distributed()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     engine = build_engine(cfg, 1)[0]

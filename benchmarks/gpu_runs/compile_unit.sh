@@ -28,6 +28,8 @@
 #       official step: about 8 min
 #   8c  gpu_check of configs/owt_small.json at ZeRO-2 and 3, then configs/owt_large.json's
 #       settings at batch 16 (the 1.3B preset's MFU): about 7 min
+#   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
+#       the GPU's busy share, the host's waits; in c_full.log): about 4 min
 #   7c  gpu_check at the configs' settings for GenMD4-S: ZeRO-3 (owt_large's stage), ZeRO-2 with
 #       the kept logits (owt_small's), then the 1.3B preset at ZeRO-3, batch 16: about 9 min
 set -u
@@ -89,5 +91,8 @@ case $mode in
        --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
   8c) check 200 --models configs/owt_small.json --zero 2 3 --tag file
      row 250 --models configs/owt_large.json --batch 16 --steps 10 --warmup 4 --tag file ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c" >&2; exit 2 ;;
+  8p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-profile
+     row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-profile \
+       --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8p" >&2; exit 2 ;;
 esac
