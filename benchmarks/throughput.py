@@ -348,6 +348,7 @@ def main(argv=None) -> int:
     peak = args.peak_tflops or perf.measured_peak(device_name) or matmul
     print(f"{device_name}: bf16 dense product {matmul:.0f} TFLOP/s now; MFU against {peak:.0f}", flush=True)
     command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
+
     def stages(name):
         if args.zero:
             return args.zero
@@ -398,7 +399,8 @@ def main(argv=None) -> int:
             with open(os.path.join(args.out, f"{label(name)}-{path}-{tag}{suffix}-{stamp}.json"), "w") as f:
                 json.dump(result, f, indent=1)
             ratio = f"  {result['x_official']:.2f}x official" if name in anchor else ""
-            print(f"{label(name):12s} {path:8s} {tag:6s} {args.tag:10s} {tokens:>10,.0f} tok/s  step {med * 1e3:.1f} ms "
+            print(f"{label(name):12s} {path:8s} {tag:6s} {args.tag:10s} {tokens:>10,.0f} tok/s  "
+                  f"step {med * 1e3:.1f} ms "
                   f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})  "
                   f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}{ratio}", flush=True)
     if args.repeats > 1:
