@@ -322,7 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("--official", action="store_true", help="run the official md4 step first "
                     "(benchmarks/official_step.py, md4's source in .peer/) and record it in each row")
     ap.add_argument("--repeats", type=int, default=1, help="measure every row this many times, each in "
-                    "a process of its own, round after round; then each row's median and range")
+                    "a process of its own, round after round; then each row's median and range, and its "
+                    "share of the same model's ZeRO-1 row by the medians and round by round")
     ap.add_argument("--tag", default="", help="a label for this configuration, in the JSON and the table")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the MFU's peak; default: trainer/perf.py's measured figure for the GPU")
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
             stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
             tag = f"zero{zero}" if path == "trainer" else "torch"
             suffix = f"-{args.tag}" if args.tag else ""
-            measured.setdefault((label(name), tag), []).append(tokens)
+            measured.setdefault((label(name), tag), {})[rep] = tokens
             with open(os.path.join(args.out, f"{label(name)}-{path}-{tag}{suffix}-{stamp}.json"), "w") as f:
                 json.dump(result, f, indent=1)
             ratio = f"  {result['x_official']:.2f}x official" if name in anchor else ""
@@ -404,10 +405,28 @@ def main(argv=None) -> int:
                   f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={len(times)})  "
                   f"peak {result['peak_mem_gb']:.1f} GB  MFU {result['mfu']:.1%}{ratio}", flush=True)
     if args.repeats > 1:
-        for (name, tag), got in measured.items():
-            print(f"{name:12s} {tag:6s} {args.tag:10s} over {len(got)} processes: median {statistics.median(got):,.0f} "
-                  f"tok/s (min {min(got):,.0f}, max {max(got):,.0f})", flush=True)
+        for line in summary(measured):
+            print(f"{line} {args.tag}".rstrip(), flush=True)
     return 0
+
+
+def summary(measured: dict[tuple[str, str], dict[int, float]]) -> list[str]:
+    """--repeats' lines: each row's median tokens/s over its processes, with their range; and
+    where the same model has a ZeRO-1 row, the row's share of it, by the medians and round by
+    round (the rows of one round ran next to each other, so a drift of the host falls on both)."""
+    lines = []
+    for (name, tag), got in measured.items():
+        runs = list(got.values())
+        line = (f"{name:12s} {tag:6s} over {len(runs)} processes: median {statistics.median(runs):,.0f} tok/s "
+                f"(min {min(runs):,.0f}, max {max(runs):,.0f})")
+        base = measured.get((name, "zero1"))
+        if base and tag.startswith("zero") and tag != "zero1":
+            rounds = [got[r] / base[r] for r in got if r in base]
+            line += f"; of ZeRO-1 {statistics.median(runs) / statistics.median(base.values()):.1%} by the medians"
+            if rounds:
+                line += ", round by round " + ", ".join(f"{x:.1%}" for x in rounds)
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

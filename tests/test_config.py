@@ -1,12 +1,9 @@
 import json
-import os
 
 import pytest
 
 from md4_dist.config import Config, ConfigError, config_from_dict, load_config, save_config
 from md4_dist.strict_config import to_dict
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_unknown_key_names_dotted_key_and_allowed_ones():
@@ -218,35 +215,3 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
     with pytest.raises(ConfigError, match="'train.compile_unit': \"layer\" is not allowed"):
         config_from_dict({}, ["train.compile_unit=layer"])
 
-
-def test_a_benchmark_row_of_a_config_file_runs_that_files_settings(monkeypatch):
-    """benchmarks/throughput.py and gpu_check.py take a config file where they take a shape: the
-    row runs the file's model, objective, optimizer, DeepSpeed section and train.compile* keys
-    (what a run of it does per GPU), with --zero and --compile overriding, and its official
-    anchor only where the model and objective are the official shape."""
-    import argparse
-
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    import throughput
-
-    small = os.path.join(ROOT, "configs", "owt_small.json")
-    with open(small) as f:
-        data = json.load(f)
-    cfg = throughput.config(small, None, 8)
-    assert (cfg.deepspeed.zero_stage, cfg.train.compile) == (data["deepspeed"]["zero_stage"], data["train"]["compile"])
-    assert cfg.train.head_keeps_logits is data["train"]["head_keeps_logits"] is True
-    assert cfg.model.dim == data["model"]["dim"] and cfg.optim.lr == data["optim"]["lr"]
-    assert (cfg.train.micro_batch, cfg.train.global_batch, cfg.data.seq_len) == (8, 8, throughput.SEQ_LEN)
-    assert cfg.cluster.num_workers == 1 and cfg.train.ema == 0.0
-    cfg = throughput.config(small, 3, 8, "off", ["train.compile_unit=trunk"])
-    assert (cfg.deepspeed.zero_stage, cfg.train.compile, cfg.train.compile_unit) == (3, "off", "trunk")
-    assert cfg.train.head_keeps_logits, "an override leaves the file's other keys"
-    assert throughput.label(small) == "owt_small"
-    assert throughput.official_name(small) == "genmd4" == throughput.official_name("genmd4-s")
-    assert throughput.official_name(os.path.join(ROOT, "configs", "owt_large.json")) is None
-    assert throughput.official_name("md4-s") == "md4"
-    assert throughput.official_name(small, ["diffusion.kind=md4", "diffusion.schedule=linear"]) == "md4"
-    with pytest.raises(argparse.ArgumentTypeError, match="'nowhere.json' is neither a shape"):
-        throughput.model_arg("nowhere.json")
-    with pytest.raises(ValueError, match="md4-s: a shape needs a ZeRO stage"):
-        throughput.config("md4-s", None, 8)
