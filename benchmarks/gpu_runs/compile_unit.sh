@@ -28,6 +28,8 @@
 #       official step: about 8 min
 #   8c  gpu_check of configs/owt_small.json at ZeRO-2 and 3, then configs/owt_large.json's
 #       settings at batch 16 (the 1.3B preset's MFU): about 7 min
+#   8r  ZeRO-3 against ZeRO-1 at owt_small's other settings, both objectives, 3 rounds each
+#       (--repeats: the share by the medians and round by round): about 9 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
 #   7c  gpu_check at the configs' settings for GenMD4-S: ZeRO-3 (owt_large's stage), ZeRO-2 with
@@ -91,8 +93,11 @@ case $mode in
        --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
   8c) check 200 --models configs/owt_small.json --zero 2 3 --tag file
      row 250 --models configs/owt_large.json --batch 16 --steps 10 --warmup 4 --tag file ;;
+  8r) row 280 --models configs/owt_small.json --zero 1 3 --repeats 3 --tag file
+     row 260 --models configs/owt_small.json --zero 1 3 --repeats 3 --tag file-md4 \
+       --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
   8p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-profile
      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-profile \
        --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8p" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p" >&2; exit 2 ;;
 esac
