@@ -214,4 +214,3 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
         config_from_dict({}, ["deepspeed.deepcompile=true", "train.compile_unit=trunk"])
     with pytest.raises(ConfigError, match="'train.compile_unit': \"layer\" is not allowed"):
         config_from_dict({}, ["train.compile_unit=layer"])
-
