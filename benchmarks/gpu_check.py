@@ -71,8 +71,9 @@ def bf16_against_fp32(cfg, model, x, noise, want: float) -> dict:
     dev = engine.device
     got = engine(x.to(dev), noise.t.to(dev), noise.u.to(dev))["loss"].item()
     rel = abs(got - want) / abs(want)
-    return {"zero_stage": cfg.deepspeed.zero_stage, "loss_fp32_cpu": want, "loss_bf16_gpu": got,
-            "relative": rel, "pass": rel <= 1e-2}
+    # loss_bf16_gpu: the GPU's loss in the config's precision (bf16 unless a config file says fp32)
+    return {"zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision, "loss_fp32_cpu": want,
+            "loss_bf16_gpu": got, "relative": rel, "pass": rel <= 1e-2}
 
 
 def train_losses(cfg, model, steps: int) -> list[float]:
@@ -161,8 +162,8 @@ def main(argv=None) -> int:
                   f"{'pass' if m['pass'] else 'FAIL'}", flush=True)
             ok &= m["pass"]
         for b in result["bf16_vs_fp32"]:
-            print(f"{label(name)}: ZeRO-{b['zero_stage']} bf16 GPU loss {b['loss_bf16_gpu']:.5f} vs fp32 CPU "
-                  f"{b['loss_fp32_cpu']:.5f}: relative {b['relative']:.2e} {'pass' if b['pass'] else 'FAIL'}",
+            print(f"{label(name)}: ZeRO-{b['zero_stage']} {b['precision']} GPU loss {b['loss_bf16_gpu']:.5f} "
+                  f"vs fp32 CPU {b['loss_fp32_cpu']:.5f}: relative {b['relative']:.2e} {'pass' if b['pass'] else 'FAIL'}",
                   flush=True)
             ok &= b["pass"]
         if mode != "off":
