@@ -163,8 +163,8 @@ def main(argv=None) -> int:
             ok &= m["pass"]
         for b in result["bf16_vs_fp32"]:
             print(f"{label(name)}: ZeRO-{b['zero_stage']} {b['precision']} GPU loss {b['loss_bf16_gpu']:.5f} "
-                  f"vs fp32 CPU {b['loss_fp32_cpu']:.5f}: relative {b['relative']:.2e} {'pass' if b['pass'] else 'FAIL'}",
-                  flush=True)
+                  f"vs fp32 CPU {b['loss_fp32_cpu']:.5f}: relative {b['relative']:.2e} "
+                  f"{'pass' if b['pass'] else 'FAIL'}", flush=True)
             ok &= b["pass"]
         if mode != "off":
             result["compiled_vs_eager"] = [
