@@ -26,8 +26,9 @@ at the same batch, in its own process, and records its tokens/s in every row of 
 (`official_tokens_per_s`, `x_official`): only a ratio measured in one command holds.
 
 Step times come from CUDA events recorded between steps (no host wait inside the timed window).
---profile adds, per run, the top kernels of 3 steps, the GPU's busy share and the host's waits
-for the GPU; --sync-stacks, where in the Python code each wait comes from.
+--profile adds, per run, the top kernels of 3 steps, the GPU's busy share, the host's waits
+for the GPU, and the GPU's idle time between kernels with its longest gaps (the kernels either
+side); --sync-stacks, where in the Python code each wait comes from.
 Writes one JSON per run to benchmarks/results/ and prints a table.
 """
 
@@ -197,11 +198,17 @@ def profiled(step, steps: int = 3, stacks: bool = False) -> None:
     wall = time.perf_counter() - began
     table = prof.key_averages()
     print(table.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60), file=sys.stderr)
-    gpu = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    gpu = sum(e.self_device_time_total for e in device) / 1e6
     waits = {e.key: e.count for e in table if e.key in SYNCS}
     print(f"profile: {steps} steps in {wall * 1e3:.1f} ms wall, kernels {gpu * 1e3:.1f} ms "
           f"({gpu / wall:.0%} busy); host waits for the GPU over {steps} steps (the profiler's "
           f"own closing synchronize included): {waits}", file=sys.stderr)
+    if device:
+        idle, longest = gpu_gaps([(e.time_range.start, e.time_range.end, e.name) for e in device])
+        print(f"profile: the GPU idle between its first and last kernel {idle / 1e3 / steps:.2f} ms a step; "
+              "the longest gaps: " + "; ".join(f"{gap / 1e3:.2f} ms after {before[:50]} before {after[:50]}"
+                                               for gap, before, after in longest), file=sys.stderr)
     if stacks:  # one more step, with PyTorch reporting each synchronizing call and its caller
         import collections
         import traceback
@@ -221,6 +228,22 @@ def profiled(step, steps: int = 3, stacks: bool = False) -> None:
         torch.cuda.set_sync_debug_mode("default")
         for where, n in seen.most_common():
             print(f"{n} synchronizing call(s) in one step from:\n    {where}", file=sys.stderr)
+
+
+def gpu_gaps(spans: list[tuple[float, float, str]], top: int = 5) -> tuple[float, list[tuple[float, str, str]]]:
+    """The GPU's idle time between its first and last kernel, from (start, end, name) spans in any
+    order (overlapping ones, as on several streams, count once), and the `top` longest gaps as
+    (gap, the kernel that ended last before it, the kernel after it): where the host fell behind."""
+    spans = sorted(spans)
+    idle, gaps = 0.0, []
+    end, last = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            idle += start - end
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    return idle, sorted(gaps, reverse=True)[:top]
 
 
 def timed(step, args) -> list[float]:

@@ -55,3 +55,13 @@ def test_repeats_give_each_rows_share_of_zero1_by_medians_and_round_by_round():
     assert lines[1].endswith("round by round 90.0%, 80.0%"), "round 3 had no ZeRO-1 row"
     assert "of ZeRO-1" not in lines[2], "genmd4-s has no ZeRO-1 row"
     assert "of ZeRO-1" not in lines[3], "the plain-PyTorch row is not a ZeRO stage"
+
+
+def test_gpu_gaps_count_idle_once_across_overlapping_streams_and_name_the_kernels_either_side():
+    spans = [(30.0, 40.0, "c"), (0.0, 10.0, "a"), (5.0, 12.0, "b"),  # a and b overlap: busy 0-12
+             (60.0, 61.0, "e"), (35.0, 50.0, "d")]  # d overlaps c and ends after it: busy 30-50
+    idle, longest = throughput.gpu_gaps(spans)
+    assert idle == (30 - 12) + (60 - 50)
+    assert longest == [(18.0, "b", "c"), (10.0, "d", "e")], "the kernel that ended last before each gap"
+    assert throughput.gpu_gaps(spans, top=1)[1] == [(18.0, "b", "c")]
+    assert throughput.gpu_gaps([(0.0, 5.0, "only")]) == (0.0, [])
