@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import socket
@@ -53,6 +54,7 @@ from md4_dist.config import Config, config_from_dict, load_config  # noqa: E402
 from md4_dist.diffusion.checks import value_checks  # noqa: E402
 from md4_dist.diffusion.objectives import DiffusionConfig, masks_per_sequence  # noqa: E402
 from md4_dist.model import ModelConfig  # noqa: E402
+from md4_dist.strict_config import to_dict  # noqa: E402
 from md4_dist.trainer import perf  # noqa: E402
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition  # noqa: E402
 
@@ -87,6 +89,12 @@ def label(name: str) -> str:
     return name if name in SHAPES else os.path.splitext(os.path.basename(name))[0]
 
 
+@functools.cache
+def _file_config(path: str) -> dict:
+    """A config file, read and validated once (load_config's errors name the file), as dicts."""
+    return to_dict(load_config(path))
+
+
 def config(name: str, zero: int | None, batch: int, compile_: str | None = None, sets: list[str] = ()) -> Config:
     """The run's config. `name`: one of SHAPES, with the trainer's defaults; or a config file, with
     its model, diffusion, optimizer, DeepSpeed and FILE_TRAIN_KEYS settings. `zero` and `compile_`
@@ -100,19 +108,14 @@ def config(name: str, zero: int | None, batch: int, compile_: str | None = None,
         if zero is None:
             raise ValueError(f"{name}: a shape needs a ZeRO stage")
     else:
-        load_config(name)  # the file's own errors first, naming it
-        with open(name) as f:
-            data = json.load(f)
-        base = {k: data[k] for k in FILE_SECTIONS if k in data}
-        base["train"] = {k: v for k, v in data.get("train", {}).items() if k in FILE_TRAIN_KEYS}
-    base.setdefault("deepspeed", {})
-    if zero is not None:
-        base["deepspeed"]["zero_stage"] = zero
-    if compile_ is not None:
-        base["train"]["compile"] = compile_
+        whole = _file_config(name)
+        base = {k: whole[k] for k in FILE_SECTIONS}
+        base["train"] = {k: whole["train"][k] for k in FILE_TRAIN_KEYS}
     return config_from_dict(base | {
+        "deepspeed": base["deepspeed"] | ({} if zero is None else {"zero_stage": zero}),
+        "train": base["train"] | ({} if compile_ is None else {"compile": compile_}) |
+        {"global_batch": batch, "micro_batch": batch, "steps": 10**6, "ema": 0.0},
         "data": {"manifest": "unused", "seq_len": SEQ_LEN},
-        "train": base["train"] | {"global_batch": batch, "micro_batch": batch, "steps": 10**6, "ema": 0.0},
         "cluster": {"num_workers": 1, "use_gpu": True},
     }, list(sets))
 

@@ -23,6 +23,8 @@
 #       with the block and cuDNN, the 1.3B preset's block with cuDNN
 #   7   the goals' table at the configs' settings (block, torch's attention): the official step,
 #       then MD4-S and GenMD4-S at ZeRO-1, 2 and 3: about 9 min
+#   7c  gpu_check at the configs' settings for GenMD4-S: ZeRO-3 (owt_large's stage), ZeRO-2 with
+#       the kept logits (owt_small's), then the 1.3B preset at ZeRO-3, batch 16: about 9 min
 #   8   the goals' table from the files: configs/owt_small.json's own settings (GenMD4-S, kept
 #       logits) at ZeRO-2 (its stage), 3 and 1, then the same with MD4's objective, each after its
 #       official step: about 8 min
@@ -32,8 +34,6 @@
 #       (--repeats: the share by the medians and round by round): about 9 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
-#   7c  gpu_check at the configs' settings for GenMD4-S: ZeRO-3 (owt_large's stage), ZeRO-2 with
-#       the kept logits (owt_small's), then the 1.3B preset at ZeRO-3, batch 16: about 9 min
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
@@ -49,6 +49,7 @@ check() {  # check LIMIT_S GPU_CHECK_ARGS...: likewise for benchmarks/gpu_check.
 set -f  # the JSON lists below are words, not patterns
 TRUNK="--set train.compile_unit=trunk"
 CUDNN='--set train.attention_kernels=["cudnn"]'  # cuDNN's kernels or an error, no other
+MD4="--set diffusion.kind=md4 --set diffusion.schedule=linear"  # MD4's objective in a GenMD4 file
 mode=${1:-1}
 case $mode in
   1) row 150 --models genmd4-s --zero 3 1 --tag block
@@ -89,15 +90,12 @@ case $mode in
      check 150 --models genmd4-s --zero 2 --tag block-kept --set train.head_keeps_logits=true
      row 250 --models genmd4-1.3b --zero 3 --batch 16 --steps 10 --warmup 4 --tag block ;;
   8) row 300 --official --models configs/owt_small.json --zero 2 3 1 --tag file
-     row 240 --official --models configs/owt_small.json --zero 2 3 1 --tag file-md4 \
-       --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
+     row 240 --official --models configs/owt_small.json --zero 2 3 1 --tag file-md4 $MD4 ;;
   8c) check 200 --models configs/owt_small.json --zero 2 3 --tag file
      row 250 --models configs/owt_large.json --batch 16 --steps 10 --warmup 4 --tag file ;;
   8r) row 280 --models configs/owt_small.json --zero 1 3 --repeats 3 --tag file
-     row 260 --models configs/owt_small.json --zero 1 3 --repeats 3 --tag file-md4 \
-       --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
+     row 260 --models configs/owt_small.json --zero 1 3 --repeats 3 --tag file-md4 $MD4 ;;
   8p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-profile
-     row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-profile \
-       --set diffusion.kind=md4 --set diffusion.schedule=linear ;;
+     row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-profile $MD4 ;;
   *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p" >&2; exit 2 ;;
 esac
