@@ -32,6 +32,9 @@
 #       settings at batch 16 (the 1.3B preset's MFU): about 7 min
 #   8r  ZeRO-3 against ZeRO-1 at owt_small's other settings, both objectives, 3 rounds each
 #       (--repeats: the share by the medians and round by round): about 9 min
+#   9   gpu_check of configs/owt_small.json at ZeRO-2 and 3 (8c without the 1.3B row, which does
+#       not fit an H100 at batch 16), then MD4's trunk at owt_small's settings, ZeRO-1 against
+#       ZeRO-3 for 2 rounds: about 7 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
 set -u
@@ -97,5 +100,7 @@ case $mode in
      row 260 --models configs/owt_small.json --zero 1 3 --repeats 3 --tag file-md4 $MD4 ;;
   8p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-profile
      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-profile $MD4 ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p" >&2; exit 2 ;;
+  9) check 200 --models configs/owt_small.json --zero 2 3 --tag file
+     row 260 --models configs/owt_small.json --zero 1 3 --repeats 2 --tag file-md4-trunk $MD4 $TRUNK ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9" >&2; exit 2 ;;
 esac
