@@ -169,12 +169,13 @@ def main(argv=None) -> int:
             # The embedded instance's token authentication, on by default as `ray.init(address=
             # "local")` would set it; here, before Ray is imported, which reads its settings once.
             os.environ.setdefault("RAY_AUTH_MODE", "token")
-        from md4_dist.trainer.fatal import DataError
+        from md4_dist.trainer.fatal import UncurableError
         from md4_dist.trainer.ray_job import fit  # Ray starts the job there (trainer/ray_job.py)
 
         try:
             step = fit(cfg)
-        except (ConfigError, DataError) as e:  # the cluster cannot hold the workers; a damaged shard
+        except (ConfigError, UncurableError) as e:  # the cluster cannot hold the workers; a damaged
+            # shard; a NaN loss
             print(f"error: {e}", file=sys.stderr)
             return 2
     # Stopped early (SIGTERM): not a success for a scheduler, which may run the command again.

@@ -1,5 +1,8 @@
-"""Errors no restart can cure end the run at once, naming the shard (real Ray, real DeepSpeed)."""
+"""Errors no restart can cure end the run at once, naming the culprit: a damaged shard, training
+gone NaN (real Ray, real DeepSpeed)."""
 
+import json
+import os
 import tarfile
 import time
 
@@ -43,3 +46,42 @@ def test_shard_damaged_inside_ends_the_run_without_retries(tmp_path):
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     # tarfile reads the broken header as the end: "truncated: 3 of the manifest's 40 sequences"
     assert f"{victim}: " in r.stderr and "a restart cannot cure this" in r.stderr, r.stderr[-3000:]
+
+
+def checkpoints(run) -> list[str]:
+    return [n for n in os.listdir(run / "checkpoints") if n.startswith("checkpoint-")] \
+        if (run / "checkpoints").exists() else []
+
+
+# A learning rate near fp32's largest value: after a step or two the weights overflow and the loss
+# is NaN (at ZeRO-3 in fp32, tiny.json's, DeepSpeed applies every step).
+NAN_LR = ("optim.lr=1e38", "optim.warmup_steps=1", "train.steps=20", "eval.every=0", "logging.sample_every=0")
+
+
+def test_a_nan_loss_is_recorded_and_ends_the_run_at_its_record_without_retries(tmp_path):
+    data, _ = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    r = train(f"train.run_dir={run}", f"data.manifest={data}", *NAN_LR, "logging.every=5",
+              "checkpoint.every=10")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "the training loss is nan at the record of step 5" in r.stderr, r.stderr[-3000:]
+    assert "a restart cannot cure this" in r.stderr and "(none written yet)" in r.stderr
+    # one failure: the group Ray restarts finds it recorded and returns at once (trainer/fatal.py)
+    assert "Error count: 2" not in r.stdout + r.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(rec["step"], rec["loss"]) for rec in records] == [(5, None)]
+    assert checkpoints(run) == []
+
+
+def test_weights_gone_nan_are_never_checkpointed(tmp_path):
+    """The checkpoint falls due (step 5) before any record: the check before it finds the weights
+    (finite, if huge, after step 3; NaN after step 4's NaN loss)."""
+    data, _ = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    r = train(f"train.run_dir={run}", f"data.manifest={data}", *NAN_LR, "logging.every=10",
+              "checkpoint.every=5")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "NaN or infinite values after step 5 (" in r.stderr, r.stderr[-3000:]
+    assert "the run stops without writing its checkpoint" in r.stderr
+    assert checkpoints(run) == []
+    assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""

@@ -26,7 +26,7 @@ def _zero3(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_tensor")
 
 
-def _local(p: nn.Parameter) -> torch.Tensor:
+def local_share(p: nn.Parameter) -> torch.Tensor:
     """The part of p that this rank stores and the optimizer step writes."""
     return p.ds_tensor if _zero3(p) else p.data
 
@@ -37,11 +37,11 @@ class PartitionedEMA:
             raise ValueError(f"decay must lie in (0, 1), got {decay}")
         self.decay = decay
         self.params = list(module.parameters())
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self.shadow = [local_share(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
-        current = [_local(p).float() for p in self.params]  # no copy for fp32 parameters
+        current = [local_share(p).float() for p in self.params]  # no copy for fp32 parameters
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
 
     @torch.no_grad()
@@ -54,7 +54,7 @@ class PartitionedEMA:
         if whole:
             whole[0].partition(param_list=whole)
         for p, v in zip(self.params, values):
-            _local(p).copy_(v)
+            local_share(p).copy_(v)
         if whole:
             whole[0].all_gather(param_list=whole)
 
@@ -62,7 +62,7 @@ class PartitionedEMA:
     def swapped(self):
         """The averaged weights in place of the trained ones, restored bit for bit on exit.
         Under ZeRO-3 every rank must enter it (it may gather)."""
-        saved = [_local(p).detach().clone() for p in self.params]
+        saved = [local_share(p).detach().clone() for p in self.params]
         self._write(self.shadow)
         try:
             yield

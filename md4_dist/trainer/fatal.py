@@ -1,5 +1,6 @@
-"""Errors no restart can cure (a damaged shard, a manifest that disagrees with its data) end the
-run at once instead of being retried `checkpoint.max_failures` times.
+"""Errors no restart can cure (a damaged shard, a manifest that disagrees with its data, training
+that went NaN: trainer/finite.py) end the run at once instead of being retried
+`checkpoint.max_failures` times.
 
 Ray Train V2 retries every failure of the worker group alike (its DefaultFailurePolicy has no
 list of errors to give up on), so the decision is made here: the worker that meets such an error
@@ -20,13 +21,14 @@ import ray
 
 from md4_dist.data.manifest import ManifestError
 from md4_dist.data.reader import CorruptShardError
+from md4_dist.trainer.finite import NonFiniteTraining
 
-# The same bytes are read again after a restart: these fail the same way every time.
-UNCURABLE = (CorruptShardError, ManifestError)
+# A restart reads the same bytes and repeats the same steps: these fail the same way every time.
+UNCURABLE = (CorruptShardError, ManifestError, NonFiniteTraining)
 ACTOR_TIMEOUT_S = 60  # the actor lives on the driver's node; a wait longer than this is a lost driver
 
 
-class DataError(RuntimeError):
+class UncurableError(RuntimeError):
     """Raised by the driver: a worker met an error that a restart cannot cure; names the culprit."""
 
 
@@ -75,4 +77,4 @@ def original_message(e: BaseException) -> str:
 def raise_if_recorded(record) -> None:
     message = earlier_failure(record)
     if message:
-        raise DataError(f"{message} (a restart cannot cure this: the run stops)")
+        raise UncurableError(f"{message} (a restart cannot cure this: the run stops)")

@@ -16,6 +16,7 @@ reader position, the metric sums since the last record) or a function of the ste
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -28,7 +29,7 @@ from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import join
 from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
-from md4_dist.trainer import checkpoint, config_secrets, fatal, metrics, perf, samples
+from md4_dist.trainer import checkpoint, config_secrets, fatal, finite, metrics, perf, samples
 from md4_dist.trainer.ema import PartitionedEMA
 from md4_dist.trainer.engine import build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
@@ -89,6 +90,7 @@ class Trainer:
         self.state = TrainState(self.device)
         if found is not None:
             self._resume(*found, checked_s)
+        self.saved_step = self.state.step  # the latest checkpoint's (0: none yet)
 
         self.manifest = load_manifest(cfg.data.manifest, cfg.storage)
         self.manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
@@ -122,11 +124,16 @@ class Trainer:
     def train(self) -> None:
         cfg, first = self.cfg, self.state.step + 1
         self.started = self.window = time.perf_counter()  # the run, and the record's training time
-        with value_checks(False):  # the reader's tokens are in range; no host syncs in the step
+        # value checks off: the reader's tokens are in range; no host syncs in the step
+        with value_checks(False), self._writer_closed_at_the_end():
             for step in range(first, cfg.train.steps + 1):
                 with self.profiler(step):
                     self._step(step)
                 record, histograms = self._metrics(step)
+                if not math.isfinite(record.get("loss", 0.0)):  # every rank pooled the same loss
+                    if self.writer is not None:  # the record seen before the stop (no histogram:
+                        self.writer.write(record)  # TensorBoard's refuses NaN)
+                    raise finite.loss_error(record["loss"], step, self.saved_step)
                 texts = {}
                 if self.validation is not None and self.eval_due(step):
                     with self._aside(), self._ema_weights():
@@ -148,10 +155,26 @@ class Trainer:
                               "resumes the run", flush=True)
                     break
         if self.writer is not None:
-            self.writer.close()
             if self.state.step == cfg.train.steps:
                 print(f"done: {cfg.train.steps} steps; metrics {join(cfg.train.run_dir, 'metrics.jsonl')}, "
                       f"TensorBoard logs {join(cfg.train.run_dir, 'tensorboard')}", flush=True)
+
+    @contextmanager
+    def _writer_closed_at_the_end(self):
+        """Rank 0's records closed and (on object storage) uploaded when the loop ends, also by an
+        error: what the run recorded before it stopped is kept. A failure to close on the way out
+        of an error is printed, and the error goes on."""
+        try:
+            yield
+        except Exception:
+            if self.writer is not None:
+                try:
+                    self.writer.close()
+                except Exception as e:  # noqa: BLE001 - the loop's own error is the one to raise
+                    print(f"warning: the run's last records may not all be kept: {e}", flush=True)
+            raise
+        if self.writer is not None:
+            self.writer.close()
 
     def _step(self, step: int) -> None:
         """One optimizer step: its micro-batches, the EMA, the sample ledger."""
@@ -257,6 +280,7 @@ class Trainer:
 
     def _save(self, why: str) -> None:
         cfg, step = self.cfg, self.state.step
+        finite.check_before_checkpoint(self.engine.module, self.state.sums.values, step, self.saved_step)
         if self.ledger is not None:  # before the checkpoint: a resume from it never rewrites these steps
             self.ledger.upload()
         cost = checkpoint.save(
@@ -268,6 +292,7 @@ class Trainer:
                    "tokenizer": self.manifest.tokenizer, "eos_id": self.manifest.eos_id},
             rank_state=self.state.rank_state() | {"ema": self.ema.state_dict() if self.ema else None},
             metrics={"step": step}, rank=self.rank, attempt=self.state.attempt)
+        self.saved_step = step
         if self.rank == 0:
             # ray.train.report has returned: every rank entered it, and this rank's files are in
             # the run directory. Ray's controller registers the checkpoint (the one a restart
