@@ -26,6 +26,9 @@ from md4_dist.strict_config import ConfigError, apply_overrides, from_dict, to_d
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "config_from_dict"]
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine decay (the paper's OpenWebText recipe)."""
@@ -39,8 +42,9 @@ class OptimConfig:
     grad_clip: float = 0.0  # 0 disables clipping
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= FLOAT32_MAX:  # a scalar of float32 arithmetic: 1e300 failed every
+            # worker's step ("cannot be converted to type float without overflow"), retried by Ray
+            raise ValueError(f"lr must be > 0 and at most float32's largest value, 3.4e38, got {self.lr}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:

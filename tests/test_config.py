@@ -33,6 +33,8 @@ def test_unknown_schedule_and_bad_values_name_the_culprit():
         config_from_dict({"train": {"global_batch": 10, "micro_batch": 4}})
     with pytest.raises(ConfigError, match=r"'cluster\.num_workers'"):
         config_from_dict({"cluster": {"num_workers": [3, 1]}})
+    with pytest.raises(ConfigError, match=r"'optim\.lr'.*float32's largest value.*got 1e\+300"):
+        config_from_dict({"optim": {"lr": 1e300}})
     with pytest.raises(ConfigError, match=r"'optim\.warmup_steps'.*>= 1.*got 0"):
         config_from_dict({"optim": {"warmup_steps": 0}})
     with pytest.raises(ConfigError, match=r"'logging\.sample_every': sample_every must be >= 0, got -1"):

@@ -58,12 +58,17 @@ def checkpoints(run) -> list[str]:
 NAN_LR = ("optim.lr=1e38", "optim.warmup_steps=1", "train.steps=20", "eval.every=0", "logging.sample_every=0")
 
 
-def test_a_nan_loss_is_recorded_and_ends_the_run_at_its_record_without_retries(tmp_path):
+def nan_run(tmp_path, *sets):
+    """tiny.json trained at NAN_LR with `sets`, which ends with exit status 2: (run dir, result)."""
     data, _ = make_corpus(tmp_path)
     run = tmp_path / "run"
-    r = train(f"train.run_dir={run}", f"data.manifest={data}", *NAN_LR, "logging.every=5",
-              "checkpoint.every=10")
+    r = train(f"train.run_dir={run}", f"data.manifest={data}", *NAN_LR, *sets)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    return run, r
+
+
+def test_a_nan_loss_is_recorded_and_ends_the_run_at_its_record_without_retries(tmp_path):
+    run, r = nan_run(tmp_path, "logging.every=5", "checkpoint.every=10")
     assert "the training loss is nan at the record of step 5" in r.stderr, r.stderr[-3000:]
     assert "a restart cannot cure this" in r.stderr and "(none written yet)" in r.stderr
     # one failure: the group Ray restarts finds it recorded and returns at once (trainer/fatal.py)
@@ -76,11 +81,7 @@ def test_a_nan_loss_is_recorded_and_ends_the_run_at_its_record_without_retries(t
 def test_weights_gone_nan_are_never_checkpointed(tmp_path):
     """The checkpoint falls due (step 5) before any record: the check before it finds the weights
     (finite, if huge, after step 3; NaN after step 4's NaN loss)."""
-    data, _ = make_corpus(tmp_path)
-    run = tmp_path / "run"
-    r = train(f"train.run_dir={run}", f"data.manifest={data}", *NAN_LR, "logging.every=10",
-              "checkpoint.every=5")
-    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    run, r = nan_run(tmp_path, "logging.every=10", "checkpoint.every=5")
     assert "NaN or infinite values after step 5 (" in r.stderr, r.stderr[-3000:]
     assert "the run stops without writing its checkpoint" in r.stderr
     assert checkpoints(run) == []
