@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1 MD4_SRC=$PWD/.peer TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/ext}
 R=$OUT/results; mkdir -p $R
 # At most 8 files come back from $OUT: the rows' JSON travel as one archive, results.tgz (unpacked
-# here with `tar xzf results.tgz -C benchmarks`); 2026-12-07, nine rows' JSON were lost without it.
+# here with `tar xzf results.tgz -C benchmarks`); 2026-12-07, eight rows' JSON were lost without it.
 trap 'tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"' EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 unlock_builds() { find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null; true; }

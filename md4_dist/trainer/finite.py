@@ -40,8 +40,8 @@ def loss_error(loss: float, step: int, saved: int) -> NonFiniteTraining:
 def check_before_checkpoint(module: nn.Module, sums: torch.Tensor, step: int, saved: int) -> None:
     """Raise on every rank alike when any rank's share of the weights, or its loss sums since the
     last record (`sums`), hold a value that is not finite."""
-    shares = [local_share(p) for p in module.parameters()]
-    names = [n for (n, _), bad in zip(module.named_parameters(), _non_finite(shares)) if bad]
+    named = list(module.named_parameters())
+    names = [n for (n, _), bad in zip(named, _non_finite([local_share(p) for _, p in named])) if bad]
     flag = torch.tensor([float(bool(names) or not torch.isfinite(sums).all())], device=sums.device)
     dist.all_reduce(flag, dist.ReduceOp.MAX)
     if flag.item():

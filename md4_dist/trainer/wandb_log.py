@@ -66,6 +66,6 @@ class WandbMirror:
     def close(self) -> None:
         self.run.finish()
         # finish() can return before W&B's service has written the run's file out: seen offline,
-        # 1 in 8 files still held only their 7-byte header, and the run directory's last upload
+        # 2 of 48 files still held only their 7-byte header, and the run directory's last upload
         # (right after this) would have kept that. teardown() waits for the service to exit.
         self.wandb.teardown()
