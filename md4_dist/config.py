@@ -152,7 +152,7 @@ class ClusterConfig:
 # the config key that sets it: `deepspeed.extra` may not set them. md4_dist also sets
 # steps_per_print, wall_clock_breakdown, timers and zero_optimization.memory_efficient_linear, for
 # speed and quiet only: extra may change those, as any other setting of DeepSpeed's (ZeRO's
-# buckets, overlap_comm, offload_param, activation checkpointing...).
+# buckets, overlap_comm, offload_param, activation checkpointing, bf16's check_grad_overflow...).
 DEEPSPEED_OWNED = {
     "train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
     "gradient_accumulation_steps": "train.global_batch and train.micro_batch (accumulation = "
@@ -160,7 +160,7 @@ DEEPSPEED_OWNED = {
     "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
     "zero_optimization.stage3_param_persistence_threshold": "deepspeed.persistence_threshold",
     "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
-    "bf16": "deepspeed.precision", "fp16": "deepspeed.precision",
+    "bf16.enabled": "deepspeed.precision", "fp16": "deepspeed.precision",
     "optimizer": "optim (optim.lr, optim.betas, optim.eps, optim.weight_decay)",
     "scheduler": "optim.warmup_steps, optim.min_lr_ratio and train.steps",
     "compile.deepcompile": "deepspeed.deepcompile",

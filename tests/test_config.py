@@ -169,7 +169,9 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
     for extra in [{"zero_optimization": big},
                   {"zero_optimization": {**big, "overlap_comm": False}},
                   {"zero_optimization": {**big, "overlap_comm": False}, "data_types": {"grad_accum_dtype": "bf16"}},
-                  {"wall_clock_breakdown": True, "zero_optimization": {"memory_efficient_linear": True}}]:
+                  {"wall_clock_breakdown": True, "zero_optimization": {"memory_efficient_linear": True}},
+                  # DeepSpeed's optimizer-step checks, which wait on the GPU (benchmarks/gpu_runs)
+                  {"bf16": {"check_grad_overflow": False}, "zero_optimization": {"compute_grad_norm": False}}]:
         ds = deepspeed_config(config_from_dict({}, [f"deepspeed.extra={json.dumps(extra)}",
                                                     "deepspeed.persistence_threshold=1000000000"]), 1)
         for section, value in extra.items():
@@ -177,6 +179,7 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
             assert (got if not isinstance(value, dict) else {k: got[k] for k in value}) == value, section
         assert ds["zero_optimization"]["stage"] == 3
         assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 1000000000
+        assert ds["bf16"]["enabled"] is True, "ours kept beside extra's bf16 keys"
     # every key md4_dist sets is refused, naming its replacement
     for path, replacement in DEEPSPEED_OWNED.items():
         *parents, leaf = path.split(".")
@@ -189,7 +192,8 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
     for extra, message in [
         ('{"zero_optimization": {"stage": 1}}', "'deepspeed.extra.zero_optimization.stage' is set by md4_dist: use deepspeed.zero_stage"),
         ('{"train_micro_batch_size_per_gpu": 8}', "'deepspeed.extra.train_micro_batch_size_per_gpu' is set by md4_dist: use train.micro_batch"),
-        ('{"bf16": {"enabled": false}}', "'deepspeed.extra.bf16' is set by md4_dist: use deepspeed.precision"),
+        ('{"bf16": {"enabled": false}}', "'deepspeed.extra.bf16.enabled' is set by md4_dist: use deepspeed.precision"),
+        ('{"bf16": false}', "'deepspeed.extra.bf16' is a bool, but it is an object"),
         ('{"compile": {"deepcompile": true}}', "use deepspeed.deepcompile"),
         ('{"zero_optimization": 2}', "'deepspeed.extra.zero_optimization' is a int, but it is an object"),
         ('{"data_types": {"grad_accum_dtype": "fp16"}}', "'deepspeed.extra.data_types.grad_accum_dtype': \"fp16\" is not allowed; allowed: \"fp32\", \"bf16\""),

@@ -35,6 +35,10 @@
 #   9   gpu_check of configs/owt_small.json at ZeRO-2 and 3 (8c without the 1.3B row, which does
 #       not fit an H100 at batch 16), then MD4's trunk at owt_small's settings, ZeRO-1 against
 #       ZeRO-3 for 2 rounds: about 7 min
+#   10  DeepSpeed's optimizer-step waits at owt_small's ZeRO-2: bf16's overflow check and the
+#       gradient norm off (NOSYNC) against the file as it is, alternated, 3 rounds, both
+#       objectives, after the official step: about 8 min
+#   10p owt_small's ZeRO-2 step with NOSYNC profiled, both objectives (compare 8p): about 4 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
 set -u
@@ -52,6 +56,9 @@ check() {  # check LIMIT_S GPU_CHECK_ARGS...: likewise for benchmarks/gpu_check.
 set -f  # the JSON lists below are words, not patterns
 TRUNK="--set train.compile_unit=trunk"
 CUDNN='--set train.attention_kernels=["cudnn"]'  # cuDNN's kernels or an error, no other
+# DeepSpeed's host waits in its ZeRO-1/2 optimizer step: the bf16 overflow check and the global
+# gradient norm (each a .item(); neither needed without clipping: the norm is only recorded)
+NOSYNC='--set deepspeed.extra={"bf16":{"check_grad_overflow":false},"zero_optimization":{"compute_grad_norm":false}}'
 MD4="--set diffusion.kind=md4 --set diffusion.schedule=linear"  # MD4's objective in a GenMD4 file
 mode=${1:-1}
 case $mode in
@@ -102,5 +109,15 @@ case $mode in
      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-profile $MD4 ;;
   9) check 200 --models configs/owt_small.json --zero 2 3 --tag file
      row 260 --models configs/owt_small.json --zero 1 3 --repeats 2 --tag file-md4-trunk $MD4 $TRUNK ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9" >&2; exit 2 ;;
+  10) for round in 1 2 3; do
+        for objective in "" "$MD4"; do
+          tag=file${objective:+-md4}
+          first=; [ $round = 1 ] && first=--official  # the anchor once, in the same command
+          row 170 --models configs/owt_small.json $first $objective --tag $tag-r$round
+          row 75 --models configs/owt_small.json $objective --tag $tag-nosync-r$round $NOSYNC
+        done
+      done ;;
+  10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile $NOSYNC
+      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 $NOSYNC ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p" >&2; exit 2 ;;
 esac
