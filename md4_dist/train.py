@@ -29,7 +29,8 @@ from md4_dist.data.manifest import ManifestError, load as load_manifest
 from md4_dist.data.reader import describe_exclusion, excluded_shards
 from md4_dist.data.storage import StorageError, join, list_dir, read_bytes
 from md4_dist.strict_config import key_table, redacted, secrets_of, to_dict
-from md4_dist.trainer.ds_config import accumulation_steps, check_gradient_precision, why_steps_are_fixed
+from md4_dist.trainer.ds_config import (accumulation_steps, check_gradient_precision,
+                                        check_with_deepspeed, why_steps_are_fixed)
 from md4_dist.trainer.run_lock import RunLocked, take as take_run_lock
 
 
@@ -58,6 +59,10 @@ def prepare(cfg: Config) -> Config:
             check_gradient_precision(cfg, world)
         except ValueError as e:
             raise ConfigError(f"config key 'deepspeed.zero_stage': {e}") from None
+    try:
+        check_with_deepspeed(cfg, min(cfg.cluster.world_sizes))
+    except ValueError as e:
+        raise ConfigError(f"config key 'deepspeed.extra': {e}") from None
     try:
         manifest = load_manifest(cfg.data.manifest, cfg.storage)
     except ManifestError:

@@ -77,3 +77,22 @@ def test_a_resumed_run_may_add_a_profile_and_wandb_but_not_change_what_it_trains
     assert f"resuming the run in {run}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"another config \(differing: logging.every\)"):
         prepare(tiny(run, tiny_data, "logging.every=3"))
+
+
+def test_a_deepspeed_setting_deepspeed_refuses_fails_on_the_driver_naming_it(tmp_path, tiny_data):
+    """DeepSpeed parses the config md4_dist builds (with `deepspeed.extra` merged in) before any
+    worker starts: a misspelt or mistyped key is one error naming it, not the same error in every
+    worker at engine start, retried by Ray; and the run directory is left as it was."""
+    run = tmp_path / "run"
+    for extra, words in [('{"zero_optimization": {"reduce_bucket_sise": 5}}', "reduce_bucket_sise"),
+                         ('{"zero_optimization": {"reduce_bucket_size": "big"}}', "reduce_bucket_size"),
+                         # a rule of DeepSpeed's own, not one md4_dist repeats
+                         ('{"zero_optimization": {"compute_grad_norm": false}}', "Stage 1 or 2")]:
+        with pytest.raises(ConfigError) as e:
+            prepare(tiny(run, tiny_data, f"deepspeed.extra={extra}"))
+        assert "config key 'deepspeed.extra': DeepSpeed refuses" in str(e.value), str(e.value)
+        assert words in str(e.value) and "DeepSpeedZeroConfig" in str(e.value), str(e.value)
+        assert not run.exists()
+    # what DeepSpeed accepts passes, and the run begins
+    prepare(tiny(run, tiny_data, 'deepspeed.extra={"zero_optimization": {"reduce_bucket_size": 5}}'))
+    assert (run / "config.json").exists()

@@ -3,6 +3,8 @@ gradient accumulation = global_batch / (micro_batch x world_size)."""
 
 from __future__ import annotations
 
+import os
+
 from md4_dist.config import Config
 
 
@@ -25,6 +27,34 @@ def check_gradient_precision(cfg: Config, world_size: int) -> None:
             f"per step in bf16 at {world_size} worker(s) (DeepSpeed's stage-0 bf16 path); use "
             "zero_stage 1 (on one GPU the same memory and speed), precision fp32, or a "
             "global_batch of micro_batch x workers")
+
+
+def check_with_deepspeed(cfg: Config, world_size: int) -> None:
+    """DeepSpeed's own parse of the config this run would hand it, on the driver: its sections
+    refuse unknown keys and wrong types, so a misspelt `deepspeed.extra` key fails here once,
+    naming it, rather than in every worker at engine start, where Ray retries it. Raises
+    ValueError with DeepSpeed's words."""
+    # DeepSpeed picks its accelerator once per process, at import, and on a machine without a
+    # GPU warns that it found none. The driver only parses here: it imports DeepSpeed as a CPU
+    # process, and the environment that workers started later inherit stays as it was.
+    unset = "DS_ACCELERATOR" not in os.environ
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig as Parsed
+    finally:
+        if unset:
+            del os.environ["DS_ACCELERATOR"]
+
+    ds = deepspeed_config(cfg, world_size)
+    # Outside torch.distributed DeepSpeed takes the world size to be 1 and checks the global
+    # batch against it; ours is checked against every world size in train.prepare.
+    ds.pop("train_batch_size")
+    try:
+        Parsed(ds)
+    except Exception as e:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
+        words = " ".join(str(e).split()).split(" For further information visit")[0]  # pydantic's link
+        raise ValueError(f"DeepSpeed refuses the config md4_dist builds from it: "
+                         f"{type(e).__name__}: {words}") from None
 
 
 def why_steps_are_fixed(cfg: Config) -> str:
