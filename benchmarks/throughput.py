@@ -4,6 +4,7 @@
         [--paths trainer bare] [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5]
         [--compile off|default|reduce-overhead]
         [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official] [--repeats 1]
+        [--unsynced-fetch]
 
 Paths:
 - trainer: the step exactly as the trainer runs it: `DiffusionModel` in a DeepSpeed engine built
@@ -150,9 +151,33 @@ def trainer_engine(cfg: Config, state_dict: dict | None = None):
     return build_engine(cfg, 1, state_dict=state_dict)[0]
 
 
+def unsynced_one_gpu_fetch() -> None:
+    """--unsynced-fetch, an experiment, not a training setting: on one GPU ZeRO-3 gathers nothing
+    (a parameter's partition is all of it), and DeepSpeed's handle for that fetch
+    (partition_parameters.NoGatherHandle and its coalesced twin) points the parameter at
+    `ds_tensor.to(device, non_blocking=True)`, which on the GPU returns the tensor itself, then
+    waits for the host to drain the current stream. This wait() marks the parameters available
+    without draining, to measure what those waits cost the one-GPU ZeRO-3 rows: several GPUs wait
+    on all-gather handles instead (the stream waits on the collective, the host does not)."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    def single(handle, **kwargs):
+        handle._NoGatherHandle__param.ds_status = pp.ZeroParamStatus.AVAILABLE
+        handle._NoGatherHandle__complete = True
+
+    def coalesced(handle, **kwargs):
+        for param in handle._NoGatherCoalescedHandle__params:
+            param.ds_status = pp.ZeroParamStatus.AVAILABLE
+        handle._NoGatherCoalescedHandle__complete = True
+
+    pp.NoGatherHandle.wait, pp.NoGatherCoalescedHandle.wait = single, coalesced
+
+
 def run_trainer(cfg: Config, args) -> list[float]:
     from md4_dist.trainer.loop import micro_step
 
+    if args.unsynced_fetch:
+        unsynced_one_gpu_fetch()
     engine = trainer_engine(cfg)
     device = engine.device
     noise = NoiseByPosition(0, TRAIN, cfg.train.global_batch, SEQ_LEN,
@@ -345,6 +370,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run, as train's --set")
     ap.add_argument("--sync-stacks", action="store_true", help="with --profile: where each wait is")
+    ap.add_argument("--unsynced-fetch", action="store_true", help="an experiment: ZeRO-3's one-GPU "
+                    "fetch without its host wait (see unsynced_one_gpu_fetch)")
     ap.add_argument("--official", action="store_true", help="run the official md4 step first "
                     "(benchmarks/official_step.py, md4's source in .peer/) and record it in each row")
     ap.add_argument("--repeats", type=int, default=1, help="measure every row this many times, each in "
@@ -394,7 +421,8 @@ def main(argv=None) -> int:
                    "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
                 (["--compile", args.compile] if args.compile else []) + [f"--set={s}" for s in args.set] + \
                 (["--profile"] if args.profile else []) + \
-                (["--sync-stacks"] if args.sync_stacks else [])
+                (["--sync-stacks"] if args.sync_stacks else []) + \
+                (["--unsynced-fetch"] if args.unsynced_fetch else [])
             r = subprocess.run(one, capture_output=True, text=True)
             if r.returncode != 0:
                 tail = (r.stdout + r.stderr).strip().splitlines()[-3:]

@@ -39,6 +39,9 @@
 #       gradient norm off (NOSYNC) against the file as it is, alternated, 3 rounds, both
 #       objectives, after the official step: about 8 min
 #   10p owt_small's ZeRO-2 step with NOSYNC profiled, both objectives (compare 8p): about 4 min
+#   11  how much of one GPU's ZeRO-3 gap is DeepSpeed's no-gather fetch draining the stream
+#       (throughput.py --unsynced-fetch, an experiment): MD4 at owt_small's settings, ZeRO-1, 3
+#       and 3 unsynced, 2 rounds, then GenMD4-S's ZeRO-3 unsynced: about 6 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
 set -u
@@ -117,7 +120,12 @@ case $mode in
           row 75 --models configs/owt_small.json $objective --tag $tag-nosync-r$round $NOSYNC
         done
       done ;;
+  11) for round in 1 2; do
+        row 100 --models configs/owt_small.json --zero 1 3 $MD4 --tag file-md4-r$round
+        row 75 --models configs/owt_small.json --zero 3 $MD4 --unsynced-fetch --tag file-md4-unsynced-r$round
+      done
+      row 75 --models configs/owt_small.json --zero 3 --unsynced-fetch --tag file-unsynced ;;
   10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile $NOSYNC
       row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 $NOSYNC ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11" >&2; exit 2 ;;
 esac
