@@ -39,6 +39,7 @@
 #       gradient norm off (NOSYNC) against the file as it is, alternated, 3 rounds, both
 #       objectives, after the official step: about 8 min
 #   10p owt_small's ZeRO-2 step with NOSYNC profiled, both objectives (compare 8p): about 4 min
+#   12  10 in 2 rounds, then 11, in one call (the rows that would pass the call's limit skipped)
 #   11  how much of one GPU's ZeRO-3 gap is DeepSpeed's no-gather fetch draining the stream
 #       (throughput.py --unsynced-fetch, an experiment): MD4 at owt_small's settings, ZeRO-1, 3
 #       and 3 unsynced, 2 rounds, then GenMD4-S's ZeRO-3 unsynced: about 6 min
@@ -47,9 +48,15 @@
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
+# The call's own limit is 600 s: a row gets what is left of END_S (seconds since the script
+# began) if that is less than its limit, and a row with under 30 s left is skipped, so that the
+# command ends, and its results come back, before the call is cut off.
+END_S=${END_S:-585}
 row() {  # row LIMIT_S THROUGHPUT_ARGS...: the whole log kept, the result lines shown
   unlock_builds
-  timeout "$1" $T "${@:2}" 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|official\|failed" | tee -a $OUT/c_unit.log
+  local limit=$(( $1 < END_S - SECONDS ? $1 : END_S - SECONDS ))
+  if [ $limit -lt 30 ]; then echo "skipped, ${limit}s left: ${*:2}" | tee -a $OUT/c_unit.log; return; fi
+  timeout "$limit" $T "${@:2}" 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|official\|failed" | tee -a $OUT/c_unit.log
 }
 check() {  # check LIMIT_S GPU_CHECK_ARGS...: likewise for benchmarks/gpu_check.py
   unlock_builds
@@ -63,6 +70,13 @@ CUDNN='--set train.attention_kernels=["cudnn"]'  # cuDNN's kernels or an error, 
 # gradient norm (each a .item(); neither needed without clipping: the norm is only recorded)
 NOSYNC='--set deepspeed.extra={"bf16":{"check_grad_overflow":false},"zero_optimization":{"compute_grad_norm":false}}'
 MD4="--set diffusion.kind=md4 --set diffusion.schedule=linear"  # MD4's objective in a GenMD4 file
+unsynced() {  # mode 11
+  for round in 1 2; do
+    row 100 --models configs/owt_small.json --zero 1 3 $MD4 --tag file-md4-r$round
+    row 75 --models configs/owt_small.json --zero 3 $MD4 --unsynced-fetch --tag file-md4-unsynced-r$round
+  done
+  row 75 --models configs/owt_small.json --zero 3 --unsynced-fetch --tag file-unsynced
+}
 mode=${1:-1}
 case $mode in
   1) row 150 --models genmd4-s --zero 3 1 --tag block
@@ -120,12 +134,17 @@ case $mode in
           row 75 --models configs/owt_small.json $objective --tag $tag-nosync-r$round $NOSYNC
         done
       done ;;
-  11) for round in 1 2; do
-        row 100 --models configs/owt_small.json --zero 1 3 $MD4 --tag file-md4-r$round
-        row 75 --models configs/owt_small.json --zero 3 $MD4 --unsynced-fetch --tag file-md4-unsynced-r$round
+  12) for round in 1 2; do
+        for objective in "" "$MD4"; do
+          tag=file${objective:+-md4}
+          first=; [ $round = 1 ] && first=--official
+          row 170 --models configs/owt_small.json $first $objective --tag $tag-r$round
+          row 75 --models configs/owt_small.json $objective --tag $tag-nosync-r$round $NOSYNC
+        done
       done
-      row 75 --models configs/owt_small.json --zero 3 --unsynced-fetch --tag file-unsynced ;;
+      unsynced ;;
+  11) unsynced ;;
   10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile $NOSYNC
       row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 $NOSYNC ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12" >&2; exit 2 ;;
 esac
