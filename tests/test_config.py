@@ -220,3 +220,29 @@ def test_deepspeed_extra_is_merged_and_cannot_set_what_md4_dist_sets(tmp_path):
         config_from_dict({}, ["deepspeed.deepcompile=true", "train.compile_unit=trunk"])
     with pytest.raises(ConfigError, match="'train.compile_unit': \"layer\" is not allowed"):
         config_from_dict({}, ["train.compile_unit=layer"])
+
+
+def test_deepspeed_takes_the_gradient_norm_every_step_only_where_clipping_needs_it():
+    """DeepSpeed's per-step norm and bf16 overflow check each make the host wait for the GPU
+    (benchmarks/RESULTS.md). The norm is left to the recorded steps where DeepSpeed's optimizer
+    allows it and nothing clips; DeepSpeed's bf16 check, which skips a non-finite step silently,
+    is off (trainer/finite.py stops such a run). deepspeed.extra may turn either back on."""
+    from md4_dist.trainer.ds_config import deepspeed_config
+
+    def ds(*sets):
+        return deepspeed_config(config_from_dict({}, ["optim.grad_clip=0", *sets]), 1)
+
+    for sets, left_out in [
+        (["deepspeed.zero_stage=2"], True), (["deepspeed.zero_stage=2", "deepspeed.precision=fp32"], True),
+        (["deepspeed.zero_stage=1", "deepspeed.precision=fp32"], True),
+        # DeepSpeed's BF16 optimizer (ZeRO-1, bf16, fp32 sums) and ZeRO-3 always take it
+        (["deepspeed.zero_stage=1"], False), (["deepspeed.zero_stage=3"], False),
+        (["deepspeed.zero_stage=2", "optim.grad_clip=1.0"], False),  # clipping reads it every step
+        (["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"], False),  # DeepSpeed: not with offload
+        (["deepspeed.zero_stage=2", 'deepspeed.extra={"zero_optimization": {"compute_grad_norm": true}}'], False),
+    ]:
+        got = ds(*sets)
+        assert got["zero_optimization"].get("compute_grad_norm", True) is not left_out, sets
+        assert got["bf16"]["check_grad_overflow"] is False, sets
+    assert ds('deepspeed.extra={"bf16": {"check_grad_overflow": true}}')["bf16"] == \
+        {"enabled": True, "check_grad_overflow": True}

@@ -84,14 +84,17 @@ def test_a_deepspeed_setting_deepspeed_refuses_fails_on_the_driver_naming_it(tmp
     worker starts: a misspelt or mistyped key is one error naming it, not the same error in every
     worker at engine start, retried by Ray; and the run directory is left as it was."""
     run = tmp_path / "run"
-    for extra, words in [('{"zero_optimization": {"reduce_bucket_sise": 5}}', "reduce_bucket_sise"),
-                         ('{"zero_optimization": {"reduce_bucket_size": "big"}}', "reduce_bucket_size"),
-                         # a rule of DeepSpeed's own, not one md4_dist repeats
-                         ('{"zero_optimization": {"compute_grad_norm": false}}', "Stage 1 or 2")]:
+    norm_off = '{"zero_optimization": {"compute_grad_norm": false}}'
+    for extra, sets, words in [
+        ('{"zero_optimization": {"reduce_bucket_sise": 5}}', [], "DeepSpeedZeroConfig reduce_bucket_sise"),
+        ('{"zero_optimization": {"reduce_bucket_size": "big"}}', [], "DeepSpeedZeroConfig reduce_bucket_size"),
+        # DeepSpeed's own rules: its config's, and its ZeRO-1/2 optimizer's (checked when built)
+        (norm_off, [], "compute_grad_norm=false is supported only with ZeRO Stage 1 or 2"),
+        (norm_off, ["deepspeed.zero_stage=2", "optim.grad_clip=1.0"], "no norm to clip with, and optim.grad_clip is 1.0"),
+    ]:
         with pytest.raises(ConfigError) as e:
-            prepare(tiny(run, tiny_data, f"deepspeed.extra={extra}"))
-        assert "config key 'deepspeed.extra': DeepSpeed refuses" in str(e.value), str(e.value)
-        assert words in str(e.value) and "DeepSpeedZeroConfig" in str(e.value), str(e.value)
+            prepare(tiny(run, tiny_data, f"deepspeed.extra={extra}", *sets))
+        assert "config key 'deepspeed.extra': " in str(e.value) and words in str(e.value), str(e.value)
         assert not run.exists()
     # what DeepSpeed accepts passes, and the run begins
     prepare(tiny(run, tiny_data, 'deepspeed.extra={"zero_optimization": {"reduce_bucket_size": 5}}'))

@@ -125,6 +125,28 @@ def test_one_worker_follows_two_workers(tmp_path, tiny_data):
     assert one[-1]["nelbo_bits_per_token"] < one[0]["nelbo_bits_per_token"] - 0.05
 
 
+def test_zero2_takes_the_gradient_norm_at_the_recorded_steps_only(tmp_path, tiny_data):
+    """At ZeRO-2 without clipping, DeepSpeed leaves the gradient norm (a host wait for the GPU at
+    every step) out of the steps no record shows, and the loop asks for it on the recorded ones:
+    every record still carries it, equal to the norm DeepSpeed takes when it takes it every step
+    (deepspeed.extra turning that back on) in a run that is otherwise the same. bf16, so that
+    DeepSpeed's overflow check, off by md4_dist's default, is what the two runs leave out too."""
+    common = [f"data.manifest={tiny_data}", "train.steps=15", "logging.every=5", "eval.every=0",
+              "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "optim.grad_clip=0"]
+    got = {}
+    for name, sets in (("at-records", []),
+                       ("every-step", ['deepspeed.extra={"zero_optimization": {"compute_grad_norm": true}}'])):
+        run_dir = tmp_path / name
+        r = train(f"train.run_dir={run_dir}", *common, *sets)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        got[name] = records((run_dir / "metrics.jsonl").read_text())
+    at_records, every_step = got["at-records"], got["every-step"]
+    assert [rec["step"] for rec in at_records] == [rec["step"] for rec in every_step] == [5, 10, 15]
+    for key in ("grad_norm", "loss"):
+        a, b = [rec[key] for rec in at_records], [rec[key] for rec in every_step]
+        assert all(v > 0 for v in a) and a == pytest.approx(b, rel=1e-6), key
+
+
 def holding(values: list[str], files) -> list[str]:
     """'name: value' for each (name, bytes) of `files` that holds one of `values`."""
     return [f"{name}: {v}" for name, data in files for v in values if v.encode() in data]

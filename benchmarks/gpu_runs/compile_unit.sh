@@ -35,10 +35,11 @@
 #   9   gpu_check of configs/owt_small.json at ZeRO-2 and 3 (8c without the 1.3B row, which does
 #       not fit an H100 at batch 16), then MD4's trunk at owt_small's settings, ZeRO-1 against
 #       ZeRO-3 for 2 rounds: about 7 min
-#   10  DeepSpeed's optimizer-step waits at owt_small's ZeRO-2: bf16's overflow check and the
-#       gradient norm off (NOSYNC) against the file as it is, alternated, 3 rounds, both
-#       objectives, after the official step: about 8 min
-#   10p owt_small's ZeRO-2 step with NOSYNC profiled, both objectives (compare 8p): about 4 min
+#   10  DeepSpeed's optimizer-step waits at owt_small's ZeRO-2: the file as md4_dist now runs it
+#       (bf16's overflow check and the every-step gradient norm off) against WAITS (both back
+#       on, as before the sixth session of 2026-12-07), alternated, 3 rounds, both objectives,
+#       after the official step: about 8 min
+#   10p owt_small's ZeRO-2 step profiled, both objectives (compare 8p, which had the waits)
 #   12  10 in 2 rounds, then 11, in one call (the rows that would pass the call's limit skipped)
 #   11  how much of one GPU's ZeRO-3 gap is DeepSpeed's no-gather fetch draining the stream
 #       (throughput.py --unsynced-fetch, an experiment): MD4 at owt_small's settings, ZeRO-1, 3
@@ -67,8 +68,10 @@ set -f  # the JSON lists below are words, not patterns
 TRUNK="--set train.compile_unit=trunk"
 CUDNN='--set train.attention_kernels=["cudnn"]'  # cuDNN's kernels or an error, no other
 # DeepSpeed's host waits in its ZeRO-1/2 optimizer step: the bf16 overflow check and the global
-# gradient norm (each a .item(); neither needed without clipping: the norm is only recorded)
-NOSYNC='--set deepspeed.extra={"bf16":{"check_grad_overflow":false},"zero_optimization":{"compute_grad_norm":false}}'
+# gradient norm (each a .item(); neither needed without clipping: the norm is only recorded).
+# Both are off in md4_dist's defaults since the sixth session of 2026-12-07 (modes 10 and 12 ran
+# before that, with them off by deepspeed.extra); WAITS puts them back.
+WAITS='--set deepspeed.extra={"bf16":{"check_grad_overflow":true},"zero_optimization":{"compute_grad_norm":true}}'
 MD4="--set diffusion.kind=md4 --set diffusion.schedule=linear"  # MD4's objective in a GenMD4 file
 unsynced() {  # mode 11
   for round in 1 2; do
@@ -131,7 +134,7 @@ case $mode in
           tag=file${objective:+-md4}
           first=; [ $round = 1 ] && first=--official  # the anchor once, in the same command
           row 170 --models configs/owt_small.json $first $objective --tag $tag-r$round
-          row 75 --models configs/owt_small.json $objective --tag $tag-nosync-r$round $NOSYNC
+          row 75 --models configs/owt_small.json $objective --tag $tag-waits-r$round $WAITS
         done
       done ;;
   12) for round in 1 2; do
@@ -139,12 +142,12 @@ case $mode in
           tag=file${objective:+-md4}
           first=; [ $round = 1 ] && first=--official
           row 170 --models configs/owt_small.json $first $objective --tag $tag-r$round
-          row 75 --models configs/owt_small.json $objective --tag $tag-nosync-r$round $NOSYNC
+          row 75 --models configs/owt_small.json $objective --tag $tag-waits-r$round $WAITS
         done
       done
       unsynced ;;
   11) unsynced ;;
-  10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile $NOSYNC
-      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 $NOSYNC ;;
+  10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile
+      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 ;;
   *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12" >&2; exit 2 ;;
 esac

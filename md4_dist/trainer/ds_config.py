@@ -50,11 +50,15 @@ def check_with_deepspeed(cfg: Config, world_size: int) -> None:
     # batch against it; ours is checked against every world size in train.prepare.
     ds.pop("train_batch_size")
     try:
-        Parsed(ds)
+        parsed = Parsed(ds)
     except Exception as e:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
         words = " ".join(str(e).split()).split(" For further information visit")[0]  # pydantic's link
         raise ValueError(f"DeepSpeed refuses the config md4_dist builds from it: "
                          f"{type(e).__name__}: {words}") from None
+    # DeepSpeed's optimizer checks this one when it is built, in the workers
+    if not parsed.zero_config.compute_grad_norm and cfg.optim.grad_clip > 0:
+        raise ValueError(f"zero_optimization.compute_grad_norm false leaves DeepSpeed no norm to "
+                         f"clip with, and optim.grad_clip is {cfg.optim.grad_clip}")
 
 
 def why_steps_are_fixed(cfg: Config) -> str:
@@ -65,6 +69,18 @@ def why_steps_are_fixed(cfg: Config) -> str:
     return (f"its learning rate follows DeepSpeed's WarmupCosineLR, whose cosine decay (after "
             f"optim.warmup_steps = {cfg.optim.warmup_steps}) spans train.steps, so another "
             "train.steps would have given the steps already taken another learning rate")
+
+
+def norm_only_for_records(cfg: Config) -> bool:
+    """Whether DeepSpeed skips the global gradient norm on steps that no record shows. Only
+    clipping needs it every step, and taking it makes the host wait for the GPU (DeepSpeed reads
+    the norm's finiteness, and builds a device scalar from a Python float, each a stream drain)
+    at every optimizer step; the loop asks for it on the steps it records (engine.NormAtRecords).
+    DeepSpeed offers this at ZeRO-1 and 2 without optimizer offload, but not in its BF16
+    optimizer (ZeRO-1 in bf16 with fp32 gradient sums), which always takes the norm."""
+    z, bf16 = cfg.deepspeed.zero_stage, cfg.deepspeed.precision == "bf16"
+    return cfg.optim.grad_clip == 0 and not cfg.deepspeed.offload_optimizer and (
+        z == 2 or (z == 1 and not bf16))
 
 
 def _merge(into: dict, extra: dict) -> None:
@@ -88,13 +104,19 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         zero["memory_efficient_linear"] = False
     if cfg.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.cluster.use_gpu}
+    if norm_only_for_records(cfg):
+        zero["compute_grad_norm"] = False
     generated = {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": accumulation_steps(cfg, world_size),
         "gradient_clipping": o.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        # check_grad_overflow: DeepSpeed's ZeRO-1/2 optimizer would read every step's gradients
+        # for inf and NaN on the host (a stream drain each step) and skip such a step without a
+        # word. bf16 has no loss scale for that check to tune; a non-finite gradient is a run
+        # gone wrong, and trainer/finite.py stops it at the next record or checkpoint instead.
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16", "check_grad_overflow": False},
         **({"data_types": {"grad_accum_dtype": "fp32"}}
            if cfg.deepspeed.precision == "bf16" and cfg.deepspeed.zero_stage > 0 else {}),
         "optimizer": {"type": "AdamW", "params": {

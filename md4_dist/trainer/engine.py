@@ -114,6 +114,23 @@ def build_engine(cfg: Config, world_size: int, load_universal: bool = False,
     return engine, lr_schedule
 
 
+class NormAtRecords:
+    """DeepSpeed's global gradient norm on the steps that are recorded, where the config leaves
+    it out of the others (ds_config.norm_only_for_records; a `deepspeed.extra` that sets
+    zero_optimization.compute_grad_norm decides instead). Call with whether the coming step is
+    recorded, before its micro-batches."""
+
+    def __init__(self, engine):
+        self.optimizer = engine.optimizer
+        # DeepSpeed's ZeRO-1/2 optimizer reads this flag at every step; an optimizer without it
+        # (ZeRO-3, the BF16 optimizer, stage 0) takes the norm every step
+        self.active = getattr(self.optimizer, "compute_grad_norm", True) is False
+
+    def __call__(self, recorded: bool) -> None:
+        if self.active:
+            self.optimizer.compute_grad_norm = recorded
+
+
 def schedule_parameters(module):
     """A context in which the learnable schedule's parameters (GenMD4's phi) are whole on every
     rank: they are read outside any module's forward, where ZeRO-3 would not gather them (a no-op

@@ -1,9 +1,11 @@
 """Training that went NaN or infinite stops the run with an error, instead of going on for days
 and writing checkpoints of weights that can no longer train.
 
-DeepSpeed does not stop it: in bf16 at ZeRO-1 and 2 it skips an optimizer step whose gradient is
-not finite and says nothing; at ZeRO-3, and in fp32, it applies the step. Two checks, neither of
-which costs the step a host wait:
+DeepSpeed does not stop it: at ZeRO-3, and in fp32, it applies an optimizer step whose gradient
+is not finite; in bf16 at ZeRO-1 and 2 its overflow check would skip the step and say nothing,
+at the price of a host wait every step, and md4_dist turns that check off (trainer/ds_config.py):
+the NaN reaches the weights and the checks here see it. Two checks, neither of which costs the
+step a host wait:
 - at each record, the pooled loss (already read on the host for the record): the record is
   written, with its loss null, and the run stops;
 - before each checkpoint, every rank's share of the weights and its loss sums since the last

@@ -31,7 +31,7 @@ from md4_dist.diffusion.checks import value_checks
 from md4_dist.diffusion.objectives import masks_per_sequence
 from md4_dist.trainer import checkpoint, config_secrets, fatal, finite, metrics, perf, samples
 from md4_dist.trainer.ema import PartitionedEMA
-from md4_dist.trainer.engine import build_engine, learned_exponents
+from md4_dist.trainer.engine import NormAtRecords, build_engine, learned_exponents
 from md4_dist.trainer.inputs import model_inputs
 from md4_dist.trainer.ledger import SampleLedger
 from md4_dist.trainer.noise import TRAIN, NoiseByPosition
@@ -86,6 +86,7 @@ class Trainer:
         found, checked_s = self._find_checkpoint()  # before DeepSpeed: it may change its config
         resized = found is not None and checkpoint.converts(found[1], world, cfg.deepspeed.zero_stage)
         self.engine, self.lr_schedule = build_engine(cfg, world, load_universal=resized)
+        self.norm_at = NormAtRecords(self.engine)
         self.ema = PartitionedEMA(self.engine.module, cfg.train.ema) if cfg.train.ema else None
         self.state = TrainState(self.device)
         if found is not None:
@@ -179,6 +180,7 @@ class Trainer:
     def _step(self, step: int) -> None:
         """One optimizer step: its micro-batches, the EMA, the sample ledger."""
         ids = []
+        self.norm_at(self.record_due(step))  # the gradient norm where the record shows it
         for _ in range(self.engine.gradient_accumulation_steps()):
             batch = next(self.batches)
             self.state.reader = batch["state"]
