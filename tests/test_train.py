@@ -129,8 +129,8 @@ def test_zero2_takes_the_gradient_norm_at_the_recorded_steps_only(tmp_path, tiny
     """At ZeRO-2 without clipping, DeepSpeed leaves the gradient norm (a host wait for the GPU at
     every step) out of the steps no record shows, and the loop asks for it on the recorded ones:
     every record still carries it, equal to the norm DeepSpeed takes when it takes it every step
-    (deepspeed.extra turning that back on) in a run that is otherwise the same. bf16, so that
-    DeepSpeed's overflow check, off by md4_dist's default, is what the two runs leave out too."""
+    (deepspeed.extra turning that back on) in a run that is otherwise the same. In bf16, as
+    owt_small trains: DeepSpeed's bf16 overflow check is off in both runs (md4_dist's default)."""
     common = [f"data.manifest={tiny_data}", "train.steps=15", "logging.every=5", "eval.every=0",
               "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "optim.grad_clip=0"]
     got = {}
