@@ -73,6 +73,16 @@ CUDNN='--set train.attention_kernels=["cudnn"]'  # cuDNN's kernels or an error, 
 # before that, with them off by deepspeed.extra); WAITS puts them back.
 WAITS='--set deepspeed.extra={"bf16":{"check_grad_overflow":true},"zero_optimization":{"compute_grad_norm":true}}'
 MD4="--set diffusion.kind=md4 --set diffusion.schedule=linear"  # MD4's objective in a GenMD4 file
+waits() {  # modes 10 and 12: the file against WAITS, alternated, for $1 rounds, both objectives
+  for round in $(seq "$1"); do
+    for objective in "" "$MD4"; do
+      tag=file${objective:+-md4}
+      first=; [ $round = 1 ] && first=--official  # the anchor once, in the same command
+      row 170 --models configs/owt_small.json $first $objective --tag $tag-r$round
+      row 75 --models configs/owt_small.json $objective --tag $tag-waits-r$round $WAITS
+    done
+  done
+}
 unsynced() {  # mode 11
   for round in 1 2; do
     row 100 --models configs/owt_small.json --zero 1 3 $MD4 --tag file-md4-r$round
@@ -129,22 +139,8 @@ case $mode in
      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-profile $MD4 ;;
   9) check 200 --models configs/owt_small.json --zero 2 3 --tag file
      row 260 --models configs/owt_small.json --zero 1 3 --repeats 2 --tag file-md4-trunk $MD4 $TRUNK ;;
-  10) for round in 1 2 3; do
-        for objective in "" "$MD4"; do
-          tag=file${objective:+-md4}
-          first=; [ $round = 1 ] && first=--official  # the anchor once, in the same command
-          row 170 --models configs/owt_small.json $first $objective --tag $tag-r$round
-          row 75 --models configs/owt_small.json $objective --tag $tag-waits-r$round $WAITS
-        done
-      done ;;
-  12) for round in 1 2; do
-        for objective in "" "$MD4"; do
-          tag=file${objective:+-md4}
-          first=; [ $round = 1 ] && first=--official
-          row 170 --models configs/owt_small.json $first $objective --tag $tag-r$round
-          row 75 --models configs/owt_small.json $objective --tag $tag-waits-r$round $WAITS
-        done
-      done
+  10) waits 3 ;;
+  12) waits 2
       unsynced ;;
   11) unsynced ;;
   10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile
