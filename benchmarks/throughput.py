@@ -299,7 +299,8 @@ def _timed(step, args) -> list[float]:
 
 def set_up_distributed() -> None:
     """The environment of a one-process torch.distributed group, for DeepSpeed."""
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
