@@ -82,12 +82,16 @@ def test_a_resumed_run_may_add_a_profile_and_wandb_but_not_change_what_it_trains
 def test_a_deepspeed_setting_deepspeed_refuses_fails_on_the_driver_naming_it(tmp_path, tiny_data):
     """DeepSpeed parses the config md4_dist builds (with `deepspeed.extra` merged in) before any
     worker starts: a misspelt or mistyped key is one error naming it, not the same error in every
-    worker at engine start, retried by Ray; and the run directory is left as it was."""
+    worker at engine start, retried by Ray; and the run directory is left as it was. DeepSpeed's
+    top level ignores unknown keys: a top-level key its parse never looks up is refused too."""
     run = tmp_path / "run"
     norm_off = '{"zero_optimization": {"compute_grad_norm": false}}'
     for extra, sets, words in [
         ('{"zero_optimization": {"reduce_bucket_sise": 5}}', [], "DeepSpeedZeroConfig reduce_bucket_sise"),
         ('{"zero_optimization": {"reduce_bucket_size": "big"}}', [], "DeepSpeedZeroConfig reduce_bucket_size"),
+        # a section DeepSpeed would drop without a word (its top level ignores unknown keys)
+        ('{"zero_optimisation": {"stage": 1}}', [],
+         "reads no top-level setting 'zero_optimisation', so it would be ignored; did you mean 'zero_optimization'?"),
         # DeepSpeed's own rules: its config's, and its ZeRO-1/2 optimizer's (checked when built)
         (norm_off, [], "compute_grad_norm=false is supported only with ZeRO Stage 1 or 2"),
         (norm_off, ["deepspeed.zero_stage=2", "optim.grad_clip=1.0"], "no norm to clip with, and optim.grad_clip is 1.0"),
@@ -97,5 +101,6 @@ def test_a_deepspeed_setting_deepspeed_refuses_fails_on_the_driver_naming_it(tmp
         assert "config key 'deepspeed.extra': " in str(e.value) and words in str(e.value), str(e.value)
         assert not run.exists()
     # what DeepSpeed accepts passes, and the run begins
-    prepare(tiny(run, tiny_data, 'deepspeed.extra={"zero_optimization": {"reduce_bucket_size": 5}}'))
+    prepare(tiny(run, tiny_data, 'deepspeed.extra={"zero_optimization": {"reduce_bucket_size": 5}, '
+                 '"flops_profiler": {"enabled": false}, "wall_clock_breakdown": true}'))
     assert (run / "config.json").exists()

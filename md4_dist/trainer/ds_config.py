@@ -32,8 +32,8 @@ def check_gradient_precision(cfg: Config, world_size: int) -> None:
 def check_with_deepspeed(cfg: Config, world_size: int) -> None:
     """DeepSpeed's own parse of the config this run would hand it, on the driver: its sections
     refuse unknown keys and wrong types, so a misspelt `deepspeed.extra` key fails here once,
-    naming it, rather than in every worker at engine start, where Ray retries it. Raises
-    ValueError with DeepSpeed's words."""
+    naming it, rather than in every worker at engine start, where Ray retries it; a top-level
+    key that DeepSpeed would ignore fails too. Raises ValueError with DeepSpeed's words."""
     # DeepSpeed picks its accelerator once per process, at import, and on a machine without a
     # GPU warns that it found none. The driver only parses here: it imports DeepSpeed as a CPU
     # process, and the environment that workers started later inherit stays as it was.
@@ -45,20 +45,113 @@ def check_with_deepspeed(cfg: Config, world_size: int) -> None:
         if unset:
             del os.environ["DS_ACCELERATOR"]
 
-    ds = deepspeed_config(cfg, world_size)
+    ds = _KeysRead(deepspeed_config(cfg, world_size))
     # Outside torch.distributed DeepSpeed takes the world size to be 1 and checks the global
     # batch against it; ours is checked against every world size in train.prepare.
-    ds.pop("train_batch_size")
+    dict.pop(ds, "train_batch_size")
     try:
         parsed = Parsed(ds)
     except Exception as e:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
         words = " ".join(str(e).split()).split(" For further information visit")[0]  # pydantic's link
         raise ValueError(f"DeepSpeed refuses the config md4_dist builds from it: "
                          f"{type(e).__name__}: {words}") from None
+    # DeepSpeed's sections refuse unknown keys, but its top level ignores them: a misspelt
+    # section would be dropped without a word. A top-level key its parse never looked up (nor
+    # deepspeed.initialize, which reads the mesh's sizes itself) is refused. A parse that walked
+    # the whole dict looked at every key, and then nothing can be told apart.
+    unread = [k for k in cfg.deepspeed.extra if k not in ds.read and k not in _READ_BY_INITIALIZE]
+    if unread and not ds.walked:
+        import difflib
+
+        import deepspeed
+
+        near = difflib.get_close_matches(unread[0], ds.read, n=1)
+        raise ValueError(f"DeepSpeed {deepspeed.__version__} reads no top-level setting "
+                         f"{unread[0]!r}, so it would be ignored"
+                         + (f"; did you mean {near[0]!r}?" if near else ""))
     # DeepSpeed's optimizer checks this one when it is built, in the workers
     if not parsed.zero_config.compute_grad_norm and cfg.optim.grad_clip > 0:
         raise ValueError(f"zero_optimization.compute_grad_norm false leaves DeepSpeed no norm to "
                          f"clip with, and optim.grad_clip is {cfg.optim.grad_clip}")
+
+
+# top-level keys deepspeed.initialize reads from the dict itself, outside DeepSpeedConfig
+_READ_BY_INITIALIZE = ("data_parallel_size", "sequence_parallel_size")
+
+
+class _KeysRead(dict):
+    """A config dict that notes the top-level keys looked up in it, for check_with_deepspeed.
+    DeepSpeed asks `key in d`, `key in d.keys()`, `d[key]` and `d.get(key)`, of this dict and of
+    its shallow copy, which shares the notes. `walked`: something went over every key (a deep
+    copy, an iteration), after which the notes tell nothing."""
+
+    def __init__(self, items, shared: _KeysRead | None = None):
+        super().__init__(items)
+        self.notes = shared.notes if shared is not None else {"read": set(), "walked": False}
+
+    @property
+    def read(self) -> set:
+        return self.notes["read"]
+
+    @property
+    def walked(self) -> bool:
+        return self.notes["walked"]
+
+    def _note(self, key):
+        self.notes["read"].add(key)
+        return key
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._note(key))
+
+    def get(self, key, default=None):
+        return super().get(self._note(key), default)
+
+    def __contains__(self, key):
+        return super().__contains__(self._note(key))
+
+    def pop(self, key, *default):
+        return super().pop(self._note(key), *default)
+
+    def setdefault(self, key, default=None):
+        return super().setdefault(self._note(key), default)
+
+    def keys(self):
+        return _Keys(self)
+
+    def _walk(self):
+        self.notes["walked"] = True
+
+    def __iter__(self):
+        self._walk()
+        return super().__iter__()
+
+    def items(self):
+        self._walk()
+        return super().items()
+
+    def values(self):
+        self._walk()
+        return super().values()
+
+    def __copy__(self):
+        return _KeysRead(dict.items(self), shared=self)
+
+
+class _Keys:
+    """`d.keys()` of a _KeysRead: membership notes the key, iteration walks."""
+
+    def __init__(self, d: _KeysRead):
+        self.d = d
+
+    def __contains__(self, key):
+        return key in self.d
+
+    def __iter__(self):
+        return iter(self.d)
+
+    def __len__(self):
+        return len(self.d)
 
 
 def why_steps_are_fixed(cfg: Config) -> str:
