@@ -51,7 +51,7 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     got = records((run_dir / "metrics.jsonl").read_text())
     assert [rec["step"] for rec in got] == [50, 100, 150, 200, 250, 300]
     keys = {"loss", "nelbo_bits_per_token", "lr", "grad_norm", "tokens_per_s", "step_time_s", "samples_seen",
-            "epoch", "skipped_sequences", "exponent_min", "exponent_mean", "exponent_max"}
+            "epoch", "skipped_sequences", "exponent_min", "exponent_mean", "exponent_max", "data_wait_share"}
     assert all(keys <= set(rec) for rec in got)
     assert [rec["step"] for rec in got if "val_nelbo_bits_per_token" in rec] == [150, 300]
     assert got[-1]["samples_seen"] == 300 * 32
@@ -66,6 +66,8 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
         # a step's time (the mean since the last record) is its tokens at the record's rate
         assert rec["step_time_s"] == pytest.approx(32 * 64 / rec["tokens_per_s"], rel=1e-9)
         assert rec["epoch"] == pytest.approx(rec["samples_seen"] / 19000, abs=32 / 19000)  # 95 % of 20000
+        # the slowest rank's time blocked on its loader, a share of the record's training time
+        assert 0 < rec["data_wait_share"] < 1
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["eval"]["every"] == 150 and os.path.isabs(saved["data"]["manifest"])
     assert (run_dir / "run.lock").read_bytes() == b"", "the run's lock released at its end"
@@ -91,7 +93,7 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     assert (TAGS["loss"], TAGS["nelbo_bits_per_token"], TAGS["tokens_per_s"], TAGS["skipped_sequences"]) == (
         "train/loss", "train/nelbo_bits_per_token", "perf/tokens_per_s", "data/skipped_sequences")
     for key in ("loss", "nelbo_bits_per_token", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
-                "exponent_mean", "epoch"):
+                "exponent_mean", "epoch", "data_wait_share"):
         events = acc.Scalars(TAGS[key])
         assert [e.step for e in events] == [rec["step"] for rec in got]
         assert [e.value for e in events] == pytest.approx([rec[key] for rec in got], rel=1e-6)

@@ -131,6 +131,7 @@ class Trainer:
     def train(self) -> None:
         cfg, first = self.cfg, self.state.step + 1
         self.started = self.window = time.perf_counter()  # the run, and the record's training time
+        self.data_wait = 0.0  # this rank's time blocked on its next batch, since the last record
         # value checks off: the reader's tokens are in range; no host syncs in the step
         with value_checks(False), self._writer_closed_at_the_end():
             for step in range(first, cfg.train.steps + 1):
@@ -188,7 +189,9 @@ class Trainer:
         ids = []
         self.norm_at(self.record_due(step))  # the gradient norm where the record shows it
         for _ in range(self.engine.gradient_accumulation_steps()):
+            began = time.perf_counter()
             batch = next(self.batches)
+            self.data_wait += time.perf_counter() - began
             self.state.reader = batch["state"]
             if self.ledger is not None:
                 ids += batch["ids"].tolist()
@@ -217,13 +220,18 @@ class Trainer:
                       epoch=position / self.stream.sequences,  # epochs of the train split read (fractional)
                       # sequences of shards left out as damaged that the stream has stepped over
                       skipped_sequences=self.stream.skipped_before(position))
-        self.window = now
         if self.peak is not None:  # the model's FLOPs against every worker's peak
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12 * self.world)
-        if cfg.cluster.use_gpu:  # the largest of any worker, since the run (re)started
-            memory = torch.tensor(torch.cuda.max_memory_allocated(self.device) / 2**30, device=self.device)
-            dist.all_reduce(memory, dist.ReduceOp.MAX)
-            record["peak_memory_gib"] = memory.item()
+        # the largest of any worker: the share of the training time a rank's host spent blocked
+        # on its loader (the rank the others waited for: at hundreds of ranks, the reads that do
+        # not keep up), and on GPUs the peak memory since the run (re)started
+        memory = torch.cuda.max_memory_allocated(self.device) / 2**30 if cfg.cluster.use_gpu else 0.0
+        most = torch.tensor([self.data_wait / (now - self.window), memory], device=self.device)
+        dist.all_reduce(most, dist.ReduceOp.MAX)
+        record["data_wait_share"] = most[0].item()
+        if cfg.cluster.use_gpu:
+            record["peak_memory_gib"] = most[1].item()
+        self.window, self.data_wait = now, 0.0
         grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed keeps none (stage 0, fp32)
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)

@@ -62,6 +62,7 @@ TAGS = {
     "step_time_s": "perf/step_time_s",
     "mfu": "perf/mfu",
     "peak_memory_gib": "perf/peak_memory_gib",
+    "data_wait_share": "perf/data_wait_share",
     # data/: where the run stands in its data
     "samples_seen": "data/samples_seen",
     "epoch": "data/epoch",
