@@ -18,7 +18,7 @@ from md4_dist.data import load_manifest
 from md4_dist.trainer.ledger import ledger_problems, read_ledger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"tokens_per_s", "step_time_s"}  # wall-clock figures; everything else must repeat exactly
+TIMING = {"tokens_per_s", "step_time_s", "data_wait_share"}  # wall-clock figures; the rest must repeat exactly
 
 
 def command(run_dir, data, *sets):
