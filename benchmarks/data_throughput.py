@@ -14,11 +14,14 @@
 3. The reader at scale: rank 0 of W = 1, 8, 64, 512 simulated ranks (its stream computed and read
    in this process: one worker), over one epoch of a corpus of L = 1024 uint16 sequences in small
    shards (--per-shard), on local disk and on moto S3: bytes and requests it fetches, W times that
-   against the dataset's bytes (every rank's share is the same size), and its decode rate.
+   against the dataset's bytes (every rank's share is the same size), and its decode rate; a
+   sequence at a time and in runs of --run-length (data.run_length, lanes of a global batch of
+   512: a group of 512 runs needs 512 x run_length sequences in a window of 64 shards).
 4. Mixing at owt_small's shape (global batch 512, 8.8M sequences of 1024 in shards of 10000, as
    data_tools.shard writes OpenWebText in input order, documents of about 1100 tokens packed back
    to back): distinct shards and documents per global batch, for mix = 1 (one shard at a time, the
-   order before) and mix = 64 (the default). Computed from the order alone: no data is read.
+   order before), mix = 64 (the default), and mix = 64 in runs of --run-length. Computed from the
+   order alone: no data is read.
 Each figure of 1 and 2: median over --repeats runs, with min and max.
 """
 
@@ -37,6 +40,8 @@ import tempfile
 import time
 
 import numpy as np
+
+WORLDS = (1, 8, 64, 512)  # part 3's simulated world sizes: each divides a global batch of 512
 
 
 def spread(xs):
@@ -124,26 +129,30 @@ def bench_reader(url, repeats, world=1):
     return spread(rates)
 
 
-def bench_scale(url, worlds=(1, 8, 64, 512)):
-    """{W: rank 0 of W's fetched bytes, requests, sequences, decode rate} over one epoch."""
+def bench_scale(url, run_length, worlds=WORLDS):
+    """{"W run_length": rank 0 of W's fetched bytes, requests, sequences, decode rate} over one
+    epoch, a sequence at a time and in runs of `run_length` (lanes: a global batch of 512)."""
     from md4_dist.data import TokenStream, load_manifest
 
     m = load_manifest(url)
     dataset = sum(s.bytes for s in m.split("train").shards)
     out = {"dataset_bytes": dataset, "sequences": m.split("train").sequences}
     for W in worlds:
-        stream = TokenStream(m, "train", 16, world_size=W, loop=False)
-        t, n = time.perf_counter(), 0
-        for b in stream:
-            n += len(b["ids"])
-        dt = time.perf_counter() - t
-        out[W] = {"bytes": stream.fetched["bytes"], "requests": stream.fetched["requests"], "sequences": n,
-                  "all_ranks_over_dataset": W * stream.fetched["bytes"] / dataset, "sequences_s": n / dt}
+        for run in sorted({1, run_length}):
+            stream = TokenStream(m, "train", 512 // W, world_size=W, loop=False, run_length=run, lanes=512)
+            t, n = time.perf_counter(), 0
+            for b in stream:
+                n += len(b["ids"])
+            dt = time.perf_counter() - t
+            out[f"{W} {run}"] = {"bytes": stream.fetched["bytes"], "requests": stream.fetched["requests"],
+                                 "sequences": n, "all_ranks_over_dataset": W * stream.fetched["bytes"] / dataset,
+                                 "sequences_s": n / dt}
     return out
 
 
-def owt_small_mixing(batches=200, global_batch=512, per_shard=10000, sequences=8_800_000, L=1024):
-    """Distinct shards and documents per global batch at owt_small's shape, for mix = 1 and 64."""
+def owt_small_mixing(run_length, batches=200, global_batch=512, per_shard=10000, sequences=8_800_000, L=1024):
+    """Distinct shards and documents per global batch at owt_small's shape, for mix = 1 and 64,
+    and for mix = 64 in runs of `run_length` (lanes: the global batch)."""
     from md4_dist.data import TokenStream
     from md4_dist.data.manifest import Manifest, Shard, Split
     from md4_dist.data.ranges import Layout
@@ -157,8 +166,8 @@ def owt_small_mixing(batches=200, global_batch=512, per_shard=10000, sequences=8
     doc_ends = np.cumsum(np.maximum(1, rng.lognormal(np.log(700), 0.9, int(sequences * L / 900))).astype(np.int64) + 1)
     picks = rng.choice(sequences // global_batch, batches, replace=False)
     out = {}
-    for mix in (1, 64):
-        s = TokenStream(m, "train", global_batch, mix=mix)
+    for mix, run in ((1, 1), (64, 1), (64, run_length)):
+        s = TokenStream(m, "train", global_batch, mix=mix, run_length=run, lanes=global_batch)
         shards, docs = [], []
         for g in picks:
             shard, record = s.locate_many(np.arange(g * global_batch, (g + 1) * global_batch, dtype=np.int64))
@@ -167,17 +176,18 @@ def owt_small_mixing(batches=200, global_batch=512, per_shard=10000, sequences=8
             last = np.searchsorted(doc_ends, (ids + 1) * L - 1, side="right")
             shards.append(len(np.unique(shard)))
             docs.append(len(set().union(*(range(a, b + 1) for a, b in zip(first, last)))))
-        out[mix] = {"shards": spread(shards), "documents": spread(docs)}
+        out[f"{mix} {run}"] = {"shards": spread(shards), "documents": spread(docs)}
     return out
 
 
 def print_scale(name, r):
     print(f"reader at scale, {name}: {r['sequences']} sequences, {r['dataset_bytes'] / 1e6:.1f} MB of shards")
-    print("    W   rank 0 MB  requests  W x rank 0 / dataset  decode seq/s (1 worker)")
-    for W in (1, 8, 64, 512):
-        x = r[W]
-        print(f"  {W:3d}  {x['bytes'] / 1e6:9.3f}  {x['requests']:8d}  {x['all_ranks_over_dataset']:20.3f}  "
-              f"{x['sequences_s']:11.0f}")
+    print("    W  run   rank 0 MB  requests  W x rank 0 / dataset  decode seq/s (1 worker)")
+    for key, x in r.items():
+        if isinstance(x, dict):
+            W, run = key.split()
+            print(f"  {W:>3}  {run:>3}  {x['bytes'] / 1e6:9.3f}  {x['requests']:8d}  "
+                  f"{x['all_ranks_over_dataset']:20.3f}  {x['sequences_s']:11.0f}")
 
 
 def main():
@@ -189,6 +199,8 @@ def main():
     ap.add_argument("--scale-sequences", type=int, default=32768)
     ap.add_argument("--s3-scale-sequences", type=int, default=8192)
     ap.add_argument("--per-shard", type=int, default=256)
+    ap.add_argument("--run-length", type=int, default=16, help="data.run_length of parts 3 and 4's runs")
+    ap.add_argument("--only-scale", action="store_true", help="parts 3 and 4 alone")
     args = ap.parse_args()
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -197,12 +209,13 @@ def main():
         if not args.skip_sharding:
             results["sharding"] = bench_sharding(args, work)
         local = os.path.join(work, "tokens")
-        write_dataset(local, args.sequences)
-        results["reader_local_tokens_s"] = bench_reader(local, args.repeats)
-        results["reader_local_rank0_of_4_tokens_s"] = bench_reader(local, args.repeats, world=4)
+        if not args.only_scale:
+            write_dataset(local, args.sequences)
+            results["reader_local_tokens_s"] = bench_reader(local, args.repeats)
+            results["reader_local_rank0_of_4_tokens_s"] = bench_reader(local, args.repeats, world=4)
         scale = os.path.join(work, "scale")
         write_dataset(scale, args.scale_sequences, per_shard=args.per_shard)
-        results["scale_local"] = bench_scale(scale)
+        results["scale_local"] = bench_scale(scale, args.run_length)
 
         import boto3
         from moto.server import ThreadedMotoServer
@@ -212,23 +225,28 @@ def main():
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
                           AWS_ENDPOINT_URL_S3=f"http://{host}:{port}")
         boto3.client("s3").create_bucket(Bucket="bench")
-        write_dataset("s3://bench/tokens", args.sequences)
-        results["reader_moto_s3_tokens_s"] = bench_reader("s3://bench/tokens", args.repeats)
+        if not args.only_scale:
+            write_dataset("s3://bench/tokens", args.sequences)
+            results["reader_moto_s3_tokens_s"] = bench_reader("s3://bench/tokens", args.repeats)
         write_dataset("s3://bench/scale", args.s3_scale_sequences, per_shard=args.per_shard)
-        results["scale_moto_s3"] = bench_scale("s3://bench/scale")
+        results["scale_moto_s3"] = bench_scale("s3://bench/scale", args.run_length)
         server.stop()
-    results["owt_small_mixing"] = owt_small_mixing()
+    results["owt_small_mixing"] = owt_small_mixing(args.run_length)
     print(f"machine: {results['machine']}")
     if "sharding" in results:
         print_sharding(results["sharding"])
-    print(f"reader, local disk, 1 rank:          {fmt(results['reader_local_tokens_s'], 'M tokens/s', 1e6)}")
-    print(f"reader, local disk, rank 0 of 4:     {fmt(results['reader_local_rank0_of_4_tokens_s'], 'M tokens/s', 1e6)}")
-    print(f"reader, moto S3 on 127.0.0.1, 1 rank: {fmt(results['reader_moto_s3_tokens_s'], 'M tokens/s', 1e6)}")
+    if not args.only_scale:
+        print(f"reader, local disk, 1 rank:          {fmt(results['reader_local_tokens_s'], 'M tokens/s', 1e6)}")
+        print(f"reader, local disk, rank 0 of 4:     "
+              f"{fmt(results['reader_local_rank0_of_4_tokens_s'], 'M tokens/s', 1e6)}")
+        print(f"reader, moto S3 on 127.0.0.1, 1 rank: {fmt(results['reader_moto_s3_tokens_s'], 'M tokens/s', 1e6)}")
     print_scale("local disk", results["scale_local"])
     print_scale("moto S3 on 127.0.0.1", results["scale_moto_s3"])
     print("owt_small's shape, per global batch of 512 (200 batches): median (min, max)")
-    for mix, r in results["owt_small_mixing"].items():
-        print(f"  mix = {mix:2d}: shards {fmt(r['shards'], '')}, documents {fmt(r['documents'], '')}")
+    for key, r in results["owt_small_mixing"].items():
+        mix, run = key.split()
+        print(f"  mix = {mix:>2}, run_length {run:>3}: shards {fmt(r['shards'], '')}, "
+              f"documents {fmt(r['documents'], '')}")
     print(json.dumps(results, default=str))
 
 

@@ -69,9 +69,10 @@ def records(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def assert_exactly_once(run_dir, data, steps):
+def assert_exactly_once(run_dir, data, steps, run_length=1):
     """The effective ledger holds steps 1..steps, each with the stream's own sequences for it."""
-    problems = ledger_problems(read_ledger(str(run_dir)), load_manifest(data), 32, 0, steps)  # tiny.json's
+    problems = ledger_problems(read_ledger(str(run_dir)), load_manifest(data), 32, 0, steps,  # tiny.json's
+                               run_length=run_length)
     assert not problems, problems[:5]
 
 
@@ -221,10 +222,11 @@ def test_zero_0_1_2_resume_at_another_world_size_and_consolidate(tmp_path, tiny_
 def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_data):
     """SIGKILL one worker of a 2-worker run after its first checkpoint: Ray restarts the group from
     the checkpoint and the run completes; the effective sample ledger holds the stream's first
-    60 x 32 sequences, each exactly once, in the steps the uninterrupted order puts them."""
+    60 x 32 sequences, each exactly once, in the steps the uninterrupted order puts them. The
+    run reads its data in runs of 4 neighbours (data.run_length), side by side in 32 lanes."""
     run_dir = tmp_path / "run"
     with open(tmp_path / "run.log", "w") as log:
-        proc = start(command(run_dir, tiny_data, "data.record_sample_ids=true"), log)
+        proc = start(command(run_dir, tiny_data, "data.record_sample_ids=true", "data.run_length=4"), log)
         wait_for_checkpoint(run_dir, "checkpoint-00000020", proc)
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if p.name() == "ray::RayTrainWorker"]  # not their DataLoader workers
@@ -236,7 +238,9 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly_once(tmp_path, tiny_
 
     assert [r["step"] for r in records(run_dir)] == list(range(5, 61, 5))
     assert len({e["attempt"] for e in read_ledger(str(run_dir))}) == 2, "the killed attempt and the restarted one"
-    assert_exactly_once(run_dir, tiny_data, 60)
+    assert_exactly_once(run_dir, tiny_data, 60, run_length=4)
+    assert ledger_problems(read_ledger(str(run_dir)), load_manifest(tiny_data), 32, 0, 60), \
+        "the runs' order is not the plain shuffle's"
 
 
 def test_elastic_run_shrinks_and_grows_with_its_nodes(tmp_path, tiny_data, monkeypatch):

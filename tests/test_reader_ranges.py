@@ -9,6 +9,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from md4_dist.data import CorruptShardError, ManifestError, TokenStream, load_manifest, make_loader
+from md4_dist.data.ranges import Layout, fetch
 from md4_dist.data.storage import filesystem, read_bytes, write_bytes
 from md4_dist.data.synthetic import write_synthetic_corpus
 
@@ -103,7 +104,7 @@ def test_resume_and_exclusion_across_windows(corpus):
     m = load_manifest(corpus)
     straight = torch.cat([b["ids"] for _, b in zip(range(64), TokenStream(m, "train", 50, mix=4))]).tolist()
     state = [b for _, b in zip(range(35), TokenStream(m, "train", 50, mix=4))][-1]["state"]
-    assert state["epoch"] == 1 and state["version"] == 3 and state["mix"] == 4
+    assert state["epoch"] == 1 and state["version"] == 4 and state["mix"] == 4
     rest = torch.cat([b["ids"] for _, b in zip(range(5), TokenStream(m, "train", 50, mix=4, state=state))]).tolist()
     assert rest == straight[35 * 50:40 * 50]
     gone = m.split("train").shards[5].name  # ids 500..599
@@ -120,6 +121,73 @@ def test_resume_and_exclusion_across_windows(corpus):
         TokenStream(m, "train", 50, state=state)
     with pytest.raises(ValueError, match=r"version 2 is from before the reader mixed shards.*afresh"):
         TokenStream(m, "train", 50, mix=4, state={**state, "version": 2})
+
+
+def test_runs_are_read_side_by_side_exactly_once_at_any_world_size(corpus):
+    """data.run_length: a window's shuffle moves runs of neighbouring sequences, read side by side
+    in lanes (the trainer's global batch). Each epoch holds every sequence once, in the same
+    global order at every world size dividing the lanes and any worker count; each lane goes on
+    along its run; rank 0 of 8 makes about one request per run instead of one per sequence."""
+    m = load_manifest(corpus)
+
+    def ids(**kw):
+        return torch.cat([b["ids"] for b in TokenStream(m, "train", 4, mix=4, loop=False, **kw)]).tolist()
+
+    runs = {"run_length": 10, "lanes": 16}  # windows of 4 shards of 100: 40 runs, groups of 16, 16, 8
+    ref = ids(**runs)
+    assert sorted(ref) == list(range(N))
+    for group, k in ((0, 16), (160, 16), (320, 8)):  # the first window's groups: k lanes of 10
+        lanes = np.array(ref[group:group + 10 * k]).reshape(10, k)
+        assert (np.diff(lanes, axis=0) == 1).all(), "each lane reads its run in order"
+    assert ids() == ids(run_length=1, lanes=16), "runs of one: the plain shuffle, whatever the lanes"
+    assert ref != ids(), "runs of ten: another order"
+    for world, workers in ((2, 2), (4, 0), (8, 2)):
+        streams = [torch.cat([b["ids"] for b in make_loader(TokenStream(m, "train", 2, rank=r, world_size=world,
+                                                                         mix=4, loop=False, **runs), workers)]).tolist()
+                   for r in range(world)]
+        assert [streams[p % world][p // world] for p in range(N)] == ref
+    plain, ran = (TokenStream(m, "train", 2, rank=0, world_size=8, mix=4, loop=False, **kw) for kw in ({}, runs))
+    for stream in (plain, ran):
+        for _ in stream:
+            pass
+    assert ran.fetched["bytes"] == plain.fetched["bytes"] == N // 8 * Layout(L, m.dtype).stride
+    print(f"rank 0 of 8: {plain.fetched['requests']} requests a sequence at a time, {ran.fetched['requests']} in runs")
+    assert ran.fetched["requests"] <= N // 8 // 10 + 8 < plain.fetched["requests"] // 4
+
+
+def test_runs_resume_and_leave_a_shard_out(corpus):
+    """A state taken in runs resumes where it stood, and names its runs (another run_length is
+    refused); an excluded shard leaves the rest of the runs' order in place; a version-3 state
+    (before runs) resumes as runs of one, its order unchanged."""
+    m = load_manifest(corpus)
+    runs = {"mix": 4, "run_length": 10, "lanes": 16}
+    straight = torch.cat([b["ids"] for _, b in zip(range(40), TokenStream(m, "train", 16, **runs))]).tolist()
+    state = [b for _, b in zip(range(25), TokenStream(m, "train", 16, **runs))][-1]["state"]
+    assert (state["version"], state["run_length"], state["lanes"]) == (4, 10, 16)
+    rest = torch.cat([b["ids"] for _, b in zip(range(15), TokenStream(m, "train", 16, state=state, **runs))]).tolist()
+    assert rest == straight[25 * 16:]
+    with pytest.raises(ValueError, match="run_length = 10 does not match this reader's 1"):
+        TokenStream(m, "train", 16, mix=4, state=state)
+    gone = m.split("train").shards[5].name  # ids 500..599
+    full = torch.cat([b["ids"] for b in TokenStream(m, "train", 16, loop=False, **runs)]).tolist()
+    left = torch.cat([b["ids"] for b in TokenStream(m, "train", 16, loop=False, exclude=[gone], **runs)]).tolist()
+    assert left == [i for i in full if not 500 <= i < 600]
+    old = [b for _, b in zip(range(25), TokenStream(m, "train", 16, mix=4))][-1]["state"]
+    v3 = {k: v for k, v in old.items() if k not in ("run_length", "lanes")} | {"version": 3}
+    assert TokenStream(m, "train", 16, mix=4, state=v3).start == TokenStream(m, "train", 16, mix=4, state=old).start
+
+
+def test_records_a_few_apart_share_one_range(corpus):
+    """fetch's gap: records at most `gap` apart are read as one range, the ones between dropped
+    (a worker reading its lanes through the records of the other workers' batches)."""
+    m = load_manifest(corpus)
+    layout, url = Layout(L, m.dtype), m.shard_url(m.split("train").shards[0].name)
+    want = {url: np.array([3, 5, 7, 9, 40])}
+    tight, loose = {}, {}
+    a, b = fetch(want, layout, stats=tight), fetch(want, layout, stats=loose, gap=1)
+    assert len(a[url]) == 5 and (a[url] == b[url]).all()
+    assert (tight["requests"], loose["requests"]) == (5, 2)
+    assert loose["bytes"] == (7 + 1) * layout.stride  # records 3..9 and 40
 
 
 def test_damaged_record_names_the_shard_and_record(corpus, tmp_path):

@@ -1,9 +1,10 @@
-"""The global order of one epoch of a split: a pure function of (seed, epoch, mix) and the shards'
-sequence counts.
+"""The global order of one epoch of a split: a pure function of (seed, epoch, mix, run_length,
+lanes) and the shards' sequence counts.
 
 The shards are permuted by (seed, epoch) and cut into windows of `mix` consecutive shards (the
 last one may hold fewer). The sequences of a window are shuffled together by (seed, epoch,
-window), and the windows follow each other. A shard left out (data.on_corrupt = "skip") keeps
+window), one by one or in runs of neighbours read side by side (`shuffled_runs`), and the
+windows follow each other. A shard left out (data.on_corrupt = "skip") keeps
 its place, its sequences are taken out of the window's shuffle and the others keep their order,
 so the order without it is the full order with its sequences removed.
 
@@ -19,14 +20,35 @@ import numpy as np
 MIX = 64  # shards per window: the shards a global batch draws from
 
 
+def shuffled_runs(n: int, run_length: int, lanes: int, rng: np.random.Generator) -> np.ndarray:
+    """The window's order: [n] indices into its n sequences (its shards' records end to end).
+
+    With run_length 1, a shuffle. Otherwise the sequences are cut into runs of `run_length`
+    neighbours, the runs shuffled, and each group of `lanes` runs read side by side: slot s of a
+    group holding k runs takes record s // k of its run s % k (the last group may hold fewer;
+    the sequences after the last whole run come last, in order). Position P of the stream is
+    read by rank P mod W, so where W divides `lanes` (the trainer's lanes are its global batch,
+    which every world size divides) a rank's positions fall in lanes/W lanes of each group, each
+    a run of neighbours: one ranged read per run instead of one per sequence. A global batch of
+    `lanes` positions still holds `lanes` runs from all over the window."""
+    full = n // run_length
+    perm = rng.permutation(full)  # with run_length 1 the same draw as a plain shuffle
+    t = np.arange(full * run_length, dtype=np.int64)
+    group, s = np.divmod(t, lanes * run_length)
+    k = np.minimum(lanes, full - group * lanes)  # runs in each slot's group
+    run = perm[group * lanes + s % k]
+    return np.concatenate([run * run_length + s // k, np.arange(full * run_length, n, dtype=np.int64)])
+
+
 class Window:
     """One window's sequences in order: `shard[k]`, `record[k]` for its k-th live sequence, and
-    `full[k]`, that sequence's index in the window's shuffle before any shard was left out."""
+    `full[k]`, that sequence's index in the window's order before any shard was left out."""
 
-    def __init__(self, shards: np.ndarray, counts: np.ndarray, live: np.ndarray, key: list[int]):
+    def __init__(self, shards: np.ndarray, counts: np.ndarray, live: np.ndarray, key: list[int],
+                 run_length: int = 1, lanes: int = 1):
         sizes = counts[shards]  # [s] sequences of each of the window's shards, in window order
         ends = np.cumsum(sizes)
-        slots = np.random.default_rng(key).permutation(int(ends[-1]))  # [window's sequences]
+        slots = shuffled_runs(int(ends[-1]), run_length, lanes, np.random.default_rng(key))
         which = np.searchsorted(ends, slots, side="right")  # the window's shard of each slot
         keep = live[shards][which] > 0
         self.full = np.flatnonzero(keep)
@@ -38,8 +60,10 @@ class EpochOrder:
     """The order of one epoch over shards with `counts` sequences, of which those with `live`
     > 0 are read (live is counts with the left-out shards' set to 0)."""
 
-    def __init__(self, counts: np.ndarray, live: np.ndarray, seed: int, epoch: int, mix: int):
+    def __init__(self, counts: np.ndarray, live: np.ndarray, seed: int, epoch: int, mix: int,
+                 run_length: int = 1, lanes: int = 1):
         self.counts, self.live, self.seed, self.epoch = counts, live, seed, epoch
+        self.run_length, self.lanes = run_length, lanes
         shards = np.random.default_rng([seed, epoch]).permutation(len(counts))
         self.windows = [shards[w:w + mix] for w in range(0, len(shards), mix)]
         self.sizes = np.array([live[s].sum() for s in self.windows], dtype=np.int64)  # live per window
@@ -49,7 +73,8 @@ class EpochOrder:
 
     def window(self, w: int) -> Window:
         if w not in self._cache:
-            self._cache[w] = Window(self.windows[w], self.counts, self.live, [self.seed, self.epoch, w])
+            self._cache[w] = Window(self.windows[w], self.counts, self.live, [self.seed, self.epoch, w],
+                                    self.run_length, self.lanes)
             while len(self._cache) > 2:  # a chunk of reads spans at most a window boundary or two
                 del self._cache[next(iter(self._cache))]
         return self._cache[w]

@@ -4,9 +4,10 @@
 512-byte tar header, then the .npy bytes ([seq_len] of dtype behind a fixed .npy header), padded
 to 512 bytes. Record i of a shard is bytes [i * stride, (i + 1) * stride), and the archive ends
 with tar's two zero blocks, padded to tar's record size. So a reader fetches just the records it
-trains on: sorted, runs of neighbours coalesced into one range, all of a chunk's ranges in one
-`cat_ranges` call (concurrent requests on object storage) or one open per shard (local disk).
-Each record's tar and .npy headers are checked, so a damaged shard is still an error naming it.
+trains on: sorted, runs of neighbours (or of records a few apart, `gap`) coalesced into one range,
+all of a chunk's ranges in one `cat_ranges` call (concurrent requests on object storage) or one
+open per shard (local disk). Each record's tar and .npy headers are checked, so a damaged shard is
+still an error naming it.
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ class Layout:
 
 
 def fetch(wanted: dict[str, np.ndarray], layout: Layout, storage: StorageConfig | None = None,
-          stats: dict | None = None) -> dict[str, np.ndarray]:
+          stats: dict | None = None, gap: int = 0) -> dict[str, np.ndarray]:
     """{url: [len(records), seq_len] of dtype} for {url: sorted distinct record indices}.
-    `stats` (if given) adds up the "bytes" and "requests" fetched."""
-    plan = []  # (url, first record, record count)
+    Records at most `gap` apart share one range (the records between are read and dropped: fewer
+    requests for some more bytes). `stats` (if given) adds up the "bytes" and "requests" fetched."""
+    plan, covered = [], {}  # (url, first record, record count); the records each url's ranges hold
     for url, records in wanted.items():
-        breaks = np.flatnonzero(np.diff(records) != 1) + 1  # runs of neighbours: one range each
-        for run in np.split(records, breaks):
-            plan.append((url, int(run[0]), len(run)))
+        breaks = np.flatnonzero(np.diff(records) > gap + 1) + 1  # runs of neighbours: one range each
+        runs = [(int(run[0]), int(run[-1]) + 1 - int(run[0])) for run in np.split(records, breaks)]
+        plan += [(url, first, n) for first, n in runs]
+        covered[url] = np.concatenate([np.arange(first, first + n) for first, n in runs])
     stride = layout.stride
     data = _read_ranges([(u, i * stride, (i + n) * stride) for u, i, n in plan], storage)
     parts = {url: [] for url in wanted}
@@ -78,8 +81,11 @@ def fetch(wanted: dict[str, np.ndarray], layout: Layout, storage: StorageConfig 
         if stats is not None:
             stats["bytes"] = stats.get("bytes", 0) + len(raw)
             stats["requests"] = stats.get("requests", 0) + 1
-    # the runs of a shard, joined, are its wanted records in order
-    return {url: _decode(b"".join(parts[url]), wanted[url], layout, url) for url in wanted}
+    out = {}
+    for url, records in wanted.items():  # a shard's ranges, joined, are its covered records in order
+        rows = _decode(b"".join(parts[url]), covered[url], layout, url)
+        out[url] = rows if len(rows) == len(records) else rows[np.searchsorted(covered[url], records)]
+    return out
 
 
 def _read_ranges(ranges: list[tuple[str, int, int]], storage: StorageConfig | None) -> list:

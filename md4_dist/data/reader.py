@@ -11,7 +11,8 @@
 The global order of an epoch (order.py): the shards permuted by (seed, epoch) and cut into
 windows of `mix` shards, each window's sequences shuffled together by (seed, epoch, window), the
 windows one after the other; epochs follow each other. So a global batch draws from about `mix`
-shards, each a different stretch of the corpus. Position P of this endless stream belongs to rank
+shards, each a different stretch of the corpus. With `run_length` > 1 a window's shuffle moves
+runs of that many neighbouring sequences, read side by side in `lanes` (order.shuffled_runs). Position P of this endless stream belongs to rank
 P mod W, so the ranks together read every sequence exactly once per epoch, for any world size. A
 rank's positions form micro-batches of `batch_size`; DataLoader worker k of K makes batches k,
 k + K, ..., and the DataLoader's round-robin returns them in order, so the worker count changes
@@ -22,7 +23,7 @@ Each worker fetches only the sequences of its own batches (ranges.py): a chunk o
 batches at a time, by byte ranges of the shards (records of a fixed size), neighbours coalesced.
 So the ranks together fetch each sequence once per epoch, whatever W and K: about the dataset's
 bytes in all, rank r about 1/W of it, at the price of about one request per sequence (the order
-within a window is random). Each record's tar and .npy headers are checked on the way.
+within a window is random), or, with runs, about one per run (where W divides the lanes). Each record's tar and .npy headers are checked on the way.
 
 Damaged shards (data.on_corrupt = "skip") are decided before the stream starts, not found on the
 way: `excluded_shards` compares every shard's size with the manifest (one listing per directory),
@@ -57,7 +58,9 @@ from md4_dist.data.storage import StorageConfig
 log = logging.getLogger(__name__)
 # 3: the order mixes windows of `mix` shards (order.py) and the state names mix. A state of
 # version 1 or 2 (the order of one shard at a time) is refused: its cursor means other sequences now.
-STATE_VERSION = 3
+# 4: the state also names run_length and lanes (order.shuffled_runs); a version-3 state is the
+# order of run_length 1, which is unchanged, and resumes as such.
+STATE_VERSION = 4
 # a worker fetches its next batches' records this many bytes (or sequences) at a time
 CHUNK_BYTES, CHUNK_SEQUENCES = 16 << 20, 4096
 
@@ -80,6 +83,12 @@ class DataConfig:
     # before the run: a shard missing or of the wrong size is an error ("raise"), or is left out of
     # the order and its sequences counted as skipped ("skip"); see the reader's docstring
     on_corrupt: Literal["raise", "skip"] = "raise"
+    # sequences a rank reads as one run of neighbours in its shard (1: each on its own, the
+    # window's order a plain shuffle). A rank reads about one range per sequence at 1, which at
+    # hundreds of ranks on object storage is hundreds of thousands of requests a second; with
+    # runs, about one per run. A global batch still holds train.global_batch runs (its lanes)
+    # from all over the window; a run goes on in the same lane at the next steps.
+    run_length: int = 1
     synthetic: SyntheticData | None = None  # generate this corpus when the manifest is absent
     record_sample_ids: bool = False  # each rank writes the ids it trains on to samples/rank-<r>.jsonl
 
@@ -88,6 +97,8 @@ class DataConfig:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.loader_workers < 0:
             raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        if self.run_length < 1:
+            raise ValueError(f"run_length must be >= 1, got {self.run_length}")
 
 
 def excluded_shards(manifest: Manifest, on_corrupt: str,
@@ -125,18 +136,24 @@ def _listing(problems: list[ShardProblem], most: int = 5) -> str:
 class TokenStream(IterableDataset):
     """Rank `rank` of `world_size`'s share of the global order, as micro-batches (see module doc).
     `exclude`: names of this split's shards to leave out (`excluded_shards`). `mix`: shards per
-    window of the order (order.py); a state resumes only under the same mix. `fetched` adds up
-    the bytes and requests this process has fetched (for benchmarks; workers keep their own)."""
+    window of the order (order.py); a state resumes only under the same mix. `run_length`,
+    `lanes`: runs of neighbouring sequences read side by side (order.shuffled_runs; the trainer's
+    lanes are its global batch), so that a rank reads runs, not scattered sequences. `fetched`
+    adds up the bytes and requests this process has fetched (for benchmarks; workers keep their
+    own)."""
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, state: dict | None = None, loop: bool = True,
-                 exclude: Collection[str] = (), storage: StorageConfig | None = None, mix: int = MIX):
+                 exclude: Collection[str] = (), storage: StorageConfig | None = None, mix: int = MIX,
+                 run_length: int = 1, lanes: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mix < 1:
             raise ValueError(f"mix must be >= 1, got {mix}")
+        if run_length < 1 or lanes < 1:
+            raise ValueError(f"run_length and lanes must be >= 1, got {run_length} and {lanes}")
         self.manifest, self.split_name = manifest, split
         self.split = manifest.split(split)
         self.layout = Layout(manifest.seq_len, manifest.dtype)
@@ -159,6 +176,8 @@ class TokenStream(IterableDataset):
                                 + (f" outside the excluded shards {self.excluded}" if self.excluded else ""))
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.loop, self.storage, self.mix = seed, loop, storage, mix
+        # with runs of one sequence the lanes change nothing: the order is a plain shuffle
+        self.run_length, self.lanes = run_length, lanes if run_length > 1 else 1
         self._starts = self.split.shard_starts()
         self._urls = [manifest.shard_url(n) for n in names]
         self._order: EpochOrder | None = None
@@ -180,10 +199,13 @@ class TokenStream(IterableDataset):
                              f"(version {STATE_VERSION}): the global order has changed, so its position "
                              "would resume at other sequences. Start the run afresh (a new train.run_dir), "
                              "or resume it with the md4_dist that wrote it")
-        if version != STATE_VERSION:
+        if version == 3:  # the order of run_length 1, unchanged since
+            state = {**state, "run_length": 1, "lanes": 1}
+        elif version != STATE_VERSION:
             raise ValueError(f"reader state version {version!r} is not {STATE_VERSION} "
                              f"(manifest {self.manifest.url})")
-        want = {"seed": self.seed, "manifest_sha256": self.manifest.sha256, "mix": self.mix}
+        want = {"seed": self.seed, "manifest_sha256": self.manifest.sha256, "mix": self.mix,
+                "run_length": self.run_length, "lanes": self.lanes}
         for key, value in want.items():
             if state.get(key) != value:
                 raise ValueError(f"reader state {key} = {state.get(key)!r} does not match this reader's "
@@ -195,7 +217,8 @@ class TokenStream(IterableDataset):
         if sorted(before) != self.excluded:  # the same point of the full order, counted in this one
             log.warning("the reader state left out shards %s, this reader leaves out %s: the epoch "
                         "goes on from the same point without the shards now excluded", before, self.excluded)
-            other = EpochOrder(self._counts, self._kept(before), self.seed, epoch, self.mix)
+            other = EpochOrder(self._counts, self._kept(before), self.seed, epoch, self.mix,
+                               self.run_length, self.lanes)
             cursor = self._epoch(epoch).recount(cursor, other)
         return epoch * self.sequences + cursor
 
@@ -204,6 +227,7 @@ class TokenStream(IterableDataset):
         n = self.sequences
         return {"version": STATE_VERSION, "seed": self.seed, "epoch": position // n,
                 "cursor": position % n, "manifest_sha256": self.manifest.sha256, "mix": self.mix,
+                "run_length": self.run_length, "lanes": self.lanes,
                 "excluded": self.excluded}
 
     def skipped_before(self, position: int) -> int:
@@ -221,7 +245,8 @@ class TokenStream(IterableDataset):
     def _epoch(self, epoch: int) -> EpochOrder:
         """The order of one epoch (order.py), the current one cached."""
         if self._order is None or self._order.epoch != epoch:
-            self._order = EpochOrder(self._counts, self._live, self.seed, epoch, self.mix)
+            self._order = EpochOrder(self._counts, self._live, self.seed, epoch, self.mix,
+                                     self.run_length, self.lanes)
         return self._order
 
     def locate_many(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +280,10 @@ class TokenStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         per_chunk = max(1, min(CHUNK_BYTES // self.layout.stride, CHUNK_SEQUENCES) // self.batch_size)
+        # A lane's neighbours may fall in other workers' batches (one a step in each lane, with
+        # one micro-batch a step): a worker reads through the others' records, so that a run
+        # stays one range.
+        gap = workers - 1 if self.run_length > 1 else 0
         b = worker
         while True:
             batches = []  # (b, positions) of the chunk
@@ -268,7 +297,7 @@ class TokenStream(IterableDataset):
                 return
             allpos = np.concatenate([p for _, p in batches])
             shard, record = self.locate_many(allpos)
-            rows = self._fetch(shard, record)  # [len(allpos), L]
+            rows = self._fetch(shard, record, gap)  # [len(allpos), L]
             ids = self._starts[shard] + record
             at = 0
             for bb, positions in batches:
@@ -281,7 +310,7 @@ class TokenStream(IterableDataset):
             if len(batches) < per_chunk:
                 return
 
-    def _fetch(self, shard: np.ndarray, record: np.ndarray) -> np.ndarray:
+    def _fetch(self, shard: np.ndarray, record: np.ndarray, gap: int = 0) -> np.ndarray:
         """The sequences (shard[i], record[i]), fetched once each, in the order asked."""
         rows = np.empty((len(shard), self.manifest.seq_len), dtype=self.manifest.dtype)
         wanted, where = {}, {}
@@ -289,7 +318,7 @@ class TokenStream(IterableDataset):
             at = np.flatnonzero(shard == s)
             distinct, inverse = np.unique(record[at], return_inverse=True)
             wanted[self._urls[s]], where[self._urls[s]] = distinct, (at, inverse)
-        for url, got in fetch(wanted, self.layout, self.storage, self.fetched).items():
+        for url, got in fetch(wanted, self.layout, self.storage, self.fetched, gap).items():
             at, inverse = where[url]
             rows[at] = got[inverse]
         return rows

@@ -60,11 +60,11 @@ def read_ledger(run_dir: str, storage: StorageConfig | None = None) -> list[dict
 
 
 def ledger_problems(lines: list[dict], manifest, global_batch: int, seed: int, steps: int,
-                    exclude: Collection[str] = ()) -> list[str]:
+                    exclude: Collection[str] = (), run_length: int = 1) -> list[str]:
     """What keeps the effective ledger from being the stream's own order, trained exactly once:
     steps 1..steps, each with the sequences a 1-rank stream of `global_batch` gives it (the order
     every world size reads; without the `exclude`d train shards, as the run left them out under
-    data.on_corrupt = "skip"). [] when there is nothing."""
+    data.on_corrupt = "skip"; in runs of `run_length`, data.run_length). [] when there is nothing."""
     from md4_dist.data import TokenStream
 
     effective = effective_ledger(lines)
@@ -72,7 +72,8 @@ def ledger_problems(lines: list[dict], manifest, global_batch: int, seed: int, s
         missing = sorted(set(range(1, steps + 1)) - set(effective))
         extra = sorted(set(effective) - set(range(1, steps + 1)))
         return [f"the ledger's steps are not 1..{steps}: missing {missing[:10]}, extra {extra[:10]}"]
-    stream = TokenStream(manifest, "train", global_batch, seed=seed, exclude=exclude)
+    stream = TokenStream(manifest, "train", global_batch, seed=seed, exclude=exclude, run_length=run_length,
+                         lanes=global_batch)
     problems = []
     for step, batch in zip(range(1, steps + 1), stream):
         got, want = Counter(effective[step]), Counter(batch["ids"].tolist())

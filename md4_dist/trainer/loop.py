@@ -104,7 +104,8 @@ class Trainer:
         excluded = self._excluded_shards()
         self.stream = TokenStream(self.manifest, "train", cfg.train.micro_batch, rank=rank, world_size=world,
                                   seed=cfg.train.seed, state=self.state.reader, exclude=excluded.get("train", ()),
-                                  storage=cfg.storage)
+                                  storage=cfg.storage, run_length=cfg.data.run_length,
+                                  lanes=cfg.train.global_batch)
         self.batches = iter(make_loader(self.stream, cfg.data.loader_workers))
         self.noise = NoiseByPosition(cfg.train.seed, TRAIN, cfg.train.global_batch, cfg.data.seq_len,
                                      masks_per_sequence(cfg.diffusion), cfg.diffusion.antithetic, self.device)
