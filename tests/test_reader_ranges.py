@@ -123,7 +123,7 @@ def test_resume_and_exclusion_across_windows(corpus):
         TokenStream(m, "train", 50, mix=4, state={**state, "version": 2})
 
 
-def test_runs_are_read_side_by_side_exactly_once_at_any_world_size(corpus):
+def test_runs_are_read_side_by_side_exactly_once_at_any_world_size(corpus, caplog):
     """data.run_length: a window's shuffle moves runs of neighbouring sequences, read side by side
     in lanes (the trainer's global batch). Each epoch holds every sequence once, in the same
     global order at every world size dividing the lanes and any worker count; each lane goes on
@@ -153,6 +153,9 @@ def test_runs_are_read_side_by_side_exactly_once_at_any_world_size(corpus):
     assert ran.fetched["bytes"] == plain.fetched["bytes"] == N // 8 * Layout(L, m.dtype).stride
     print(f"rank 0 of 8: {plain.fetched['requests']} requests a sequence at a time, {ran.fetched['requests']} in runs")
     assert ran.fetched["requests"] <= N // 8 // 10 + 8 < plain.fetched["requests"] // 4
+    # a window of 400 sequences cannot hold 64 lanes of 10: said, naming the setting
+    TokenStream(m, "train", 4, mix=4, run_length=10, lanes=64)
+    assert "data.run_length 10 x 64 lanes is more than a window of 4 shards holds (400" in caplog.text
 
 
 def test_runs_resume_and_leave_a_shard_out(corpus):

@@ -178,6 +178,11 @@ class TokenStream(IterableDataset):
         self.seed, self.loop, self.storage, self.mix = seed, loop, storage, mix
         # with runs of one sequence the lanes change nothing: the order is a plain shuffle
         self.run_length, self.lanes = run_length, lanes if run_length > 1 else 1
+        window = int(np.sort(self._live)[::-1][:mix].sum())  # the most a window holds
+        if run_length > 1 and window < run_length * lanes:
+            log.warning("data.run_length %d x %d lanes is more than a window of %d shards holds (%d "
+                        "sequences of split %r): a global batch takes several neighbours of each run",
+                        run_length, lanes, mix, window, split)
         self._starts = self.split.shard_starts()
         self._urls = [manifest.shard_url(n) for n in names]
         self._order: EpochOrder | None = None
