@@ -3,10 +3,10 @@ lanes) and the shards' sequence counts.
 
 The shards are permuted by (seed, epoch) and cut into windows of `mix` consecutive shards (the
 last one may hold fewer). The sequences of a window are shuffled together by (seed, epoch,
-window), one by one or in runs of neighbours read side by side (`shuffled_runs`), and the
-windows follow each other. A shard left out (data.on_corrupt = "skip") keeps
-its place, its sequences are taken out of the window's shuffle and the others keep their order,
-so the order without it is the full order with its sequences removed.
+window), one by one or in runs of neighbours read side by side (`shuffled_runs`), and the windows
+follow each other. A shard left out (data.on_corrupt = "skip") keeps its place, its sequences are
+taken out of the window's shuffle and the others keep their order, so the order without it is the
+full order with its sequences removed.
 
 With mix = 64, a global batch of 512 drawn from a window holds sequences of about 64 shards, each
 from a different place in its shard: a batch mixes the corpus although each shard is a

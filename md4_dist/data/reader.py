@@ -8,22 +8,24 @@
         batch["positions"]  # [b] int64: their positions in the stream (the trainer's noise key)
         batch["state"]    # the reader state after this batch: resume with TokenStream(..., state=...)
 
-The global order of an epoch (order.py): the shards permuted by (seed, epoch) and cut into
-windows of `mix` shards, each window's sequences shuffled together by (seed, epoch, window), the
-windows one after the other; epochs follow each other. So a global batch draws from about `mix`
-shards, each a different stretch of the corpus. With `run_length` > 1 a window's shuffle moves
-runs of that many neighbouring sequences, read side by side in `lanes` (order.shuffled_runs). Position P of this endless stream belongs to rank
-P mod W, so the ranks together read every sequence exactly once per epoch, for any world size. A
-rank's positions form micro-batches of `batch_size`; DataLoader worker k of K makes batches k,
-k + K, ..., and the DataLoader's round-robin returns them in order, so the worker count changes
-nothing either. The state is the global cursor after the batch; since every rank trains the same
-number of batches, it is the same on every rank and resumes at any world size.
+The global order of an epoch (order.py): the shards permuted by (seed, epoch) and cut into windows
+of `mix` shards, each window's sequences shuffled together by (seed, epoch, window), the windows
+one after the other; epochs follow each other. So a global batch draws from about `mix` shards,
+each a different stretch of the corpus. With `run_length` > 1 a window's shuffle moves runs of
+that many neighbouring sequences, read side by side in `lanes` (order.shuffled_runs). Position P
+of this endless stream belongs to rank P mod W, so the ranks together read every sequence exactly
+once per epoch, for any world size. A rank's positions form micro-batches of `batch_size`;
+DataLoader worker k of K makes batches k, k + K, ..., and the DataLoader's round-robin returns
+them in order, so the worker count changes nothing either. The state is the global cursor after
+the batch; since every rank trains the same number of batches, it is the same on every rank and
+resumes at any world size.
 
-Each worker fetches only the sequences of its own batches (ranges.py): a chunk of its next
-batches at a time, by byte ranges of the shards (records of a fixed size), neighbours coalesced.
-So the ranks together fetch each sequence once per epoch, whatever W and K: about the dataset's
-bytes in all, rank r about 1/W of it, at the price of about one request per sequence (the order
-within a window is random), or, with runs, about one per run (where W divides the lanes). Each record's tar and .npy headers are checked on the way.
+Each worker fetches only the sequences of its own batches (ranges.py): a chunk of its next batches
+at a time, by byte ranges of the shards (records of a fixed size), neighbours coalesced. So the
+ranks together fetch each sequence once per epoch, whatever W and K: about the dataset's bytes in
+all, rank r about 1/W of it, at the price of about one request per sequence (the order within a
+window is random), or, with runs, about one per run (where W divides the lanes). Each record's tar
+and .npy headers are checked on the way.
 
 Damaged shards (data.on_corrupt = "skip") are decided before the stream starts, not found on the
 way: `excluded_shards` compares every shard's size with the manifest (one listing per directory),
