@@ -68,7 +68,7 @@ def fetch(wanted: dict[str, np.ndarray], layout: Layout, storage: StorageConfig 
         breaks = np.flatnonzero(np.diff(records) > gap + 1) + 1  # runs of neighbours: one range each
         runs = [(int(run[0]), int(run[-1]) + 1 - int(run[0])) for run in np.split(records, breaks)]
         plan += [(url, first, n) for first, n in runs]
-        covered[url] = np.concatenate([np.arange(first, first + n) for first, n in runs])
+        covered[url] = records if gap == 0 else np.concatenate([np.arange(a, a + n) for a, n in runs])
     stride = layout.stride
     data = _read_ranges([(u, i * stride, (i + n) * stride) for u, i, n in plan], storage)
     parts = {url: [] for url in wanted}
@@ -84,7 +84,7 @@ def fetch(wanted: dict[str, np.ndarray], layout: Layout, storage: StorageConfig 
     out = {}
     for url, records in wanted.items():  # a shard's ranges, joined, are its covered records in order
         rows = _decode(b"".join(parts[url]), covered[url], layout, url)
-        out[url] = rows if len(rows) == len(records) else rows[np.searchsorted(covered[url], records)]
+        out[url] = rows if covered[url] is records else rows[np.searchsorted(covered[url], records)]
     return out
 
 

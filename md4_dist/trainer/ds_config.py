@@ -4,6 +4,7 @@ gradient accumulation = global_batch / (micro_batch x world_size)."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 from md4_dist.config import Config
 
@@ -45,10 +46,11 @@ def check_with_deepspeed(cfg: Config, world_size: int) -> None:
         if unset:
             del os.environ["DS_ACCELERATOR"]
 
-    ds = _KeysRead(deepspeed_config(cfg, world_size))
+    generated = deepspeed_config(cfg, world_size)
     # Outside torch.distributed DeepSpeed takes the world size to be 1 and checks the global
     # batch against it; ours is checked against every world size in train.prepare.
-    dict.pop(ds, "train_batch_size")
+    generated.pop("train_batch_size")
+    ds = _KeysRead(generated)
     try:
         parsed = Parsed(ds)
     except Exception as e:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
@@ -59,13 +61,13 @@ def check_with_deepspeed(cfg: Config, world_size: int) -> None:
     # section would be dropped without a word. A top-level key its parse never looked up (nor
     # deepspeed.initialize, which reads the mesh's sizes itself) is refused. A parse that walked
     # the whole dict looked at every key, and then nothing can be told apart.
-    unread = [k for k in cfg.deepspeed.extra if k not in ds.read and k not in _READ_BY_INITIALIZE]
-    if unread and not ds.walked:
+    unread = [k for k in cfg.deepspeed.extra if k not in ds.notes.read and k not in _READ_BY_INITIALIZE]
+    if unread and not ds.notes.walked:
         import difflib
 
         import deepspeed
 
-        near = difflib.get_close_matches(unread[0], ds.read, n=1)
+        near = difflib.get_close_matches(unread[0], ds.notes.read, n=1)
         raise ValueError(f"DeepSpeed {deepspeed.__version__} reads no top-level setting "
                          f"{unread[0]!r}, so it would be ignored"
                          + (f"; did you mean {near[0]!r}?" if near else ""))
@@ -82,23 +84,15 @@ _READ_BY_INITIALIZE = ("data_parallel_size", "sequence_parallel_size")
 class _KeysRead(dict):
     """A config dict that notes the top-level keys looked up in it, for check_with_deepspeed.
     DeepSpeed asks `key in d`, `key in d.keys()`, `d[key]` and `d.get(key)`, of this dict and of
-    its shallow copy, which shares the notes. `walked`: something went over every key (a deep
-    copy, an iteration), after which the notes tell nothing."""
+    its shallow copy, which shares the notes. `notes.walked`: something went over every key (a
+    deep copy, an iteration), after which the notes tell nothing."""
 
-    def __init__(self, items, shared: _KeysRead | None = None):
+    def __init__(self, items, notes: SimpleNamespace | None = None):
         super().__init__(items)
-        self.notes = shared.notes if shared is not None else {"read": set(), "walked": False}
-
-    @property
-    def read(self) -> set:
-        return self.notes["read"]
-
-    @property
-    def walked(self) -> bool:
-        return self.notes["walked"]
+        self.notes = notes or SimpleNamespace(read=set(), walked=False)
 
     def _note(self, key):
-        self.notes["read"].add(key)
+        self.notes.read.add(key)
         return key
 
     def __getitem__(self, key):
@@ -119,23 +113,20 @@ class _KeysRead(dict):
     def keys(self):
         return _Keys(self)
 
-    def _walk(self):
-        self.notes["walked"] = True
-
     def __iter__(self):
-        self._walk()
+        self.notes.walked = True
         return super().__iter__()
 
     def items(self):
-        self._walk()
+        self.notes.walked = True
         return super().items()
 
     def values(self):
-        self._walk()
+        self.notes.walked = True
         return super().values()
 
     def __copy__(self):
-        return _KeysRead(dict.items(self), shared=self)
+        return _KeysRead(dict.items(self), self.notes)
 
 
 class _Keys:
