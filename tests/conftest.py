@@ -1,9 +1,11 @@
+import faulthandler
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -80,3 +82,52 @@ def tiny_data(tmp_path_factory):
     assert synthetic.main(["--out", out, "--vocab-size", "64", "--seq-len", "64",
                            "--num-sequences", "2000", "--val-fraction", "0.05"]) == 0
     return out
+
+
+# The suite's guard. CI gives the whole job 90 minutes and shows only the tail of its output, so a
+# run that goes wrong must end, and say why, in that tail: past the budget no further test starts
+# (the summary still prints), a test hung well past it dumps every thread's stack and exits, and
+# the summary ends with the first failure and the state of the machine.
+BUDGET_S = float(os.environ.get("MD4_TEST_BUDGET_S", 3600))  # the suite takes about 33 min here
+_started = time.monotonic()
+_first_failure = []
+
+
+def pytest_sessionstart(session):
+    # A copy of stderr: while a test runs, pytest captures fd 2 itself.
+    faulthandler.dump_traceback_later(BUDGET_S + 900, exit=True, file=open(os.dup(2), "w"))
+
+
+@pytest.fixture(autouse=True)
+def _within_the_suites_budget():
+    spent = time.monotonic() - _started
+    if spent > BUDGET_S:
+        pytest.exit(f"the suite has run {spent / 60:.0f} min, past its {BUDGET_S / 60:.0f} min "
+                    "(MD4_TEST_BUDGET_S): no further test starts", returncode=1)
+    yield
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and not _first_failure:
+        _first_failure.append(report)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: after the short summary, at the tail
+def pytest_terminal_summary(terminalreporter):
+    yield
+    if not _first_failure:
+        return
+    import psutil
+
+    report, tr = _first_failure[0], terminalreporter
+    tr.section("the first failure, and the machine now")
+    tr.write_line(f"{report.nodeid} ({report.when}), its last lines:")
+    for line in report.longreprtext.splitlines()[-60:]:
+        tr.write_line("    " + line)
+    gib = 2 ** 30
+    tr.write_line(f"memory available {psutil.virtual_memory().available / gib:.1f} GiB; free: "
+                  + ", ".join(f"{d} {shutil.disk_usage(d).free / gib:.1f} GiB"
+                              for d in ("/tmp", "/dev/shm", os.getcwd()) if os.path.isdir(d)))
+    ray = [p.info["name"] for p in psutil.process_iter(["name", "cmdline"])
+           if p.info["name"] in ("raylet", "gcs_server") or (p.info["cmdline"] or [""])[0].startswith("ray::")]
+    tr.write_line(f"Ray processes still running: {len(ray)} {sorted(set(ray))}")
