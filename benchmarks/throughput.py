@@ -29,7 +29,8 @@ at the same batch, in its own process, and records its tokens/s in every row of 
 Step times come from CUDA events recorded between steps (no host wait inside the timed window).
 --profile adds, per run, the top kernels of 3 steps, the GPU's busy share, the host's waits
 for the GPU, and the GPU's idle time between kernels with its longest gaps (the kernels either
-side); --sync-stacks, where in the Python code each wait comes from.
+side, and for the three longest what the host ran while the GPU waited for the next launch);
+--sync-stacks, where in the Python code each wait comes from.
 Writes one JSON per run to benchmarks/results/ and prints a table.
 """
 
@@ -44,6 +45,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -233,10 +235,18 @@ def profiled(step, steps: int = 3, stacks: bool = False) -> None:
           f"({gpu / wall:.0%} busy); host waits for the GPU over {steps} steps (the profiler's "
           f"own closing synchronize included): {waits}", file=sys.stderr)
     if device:
-        idle, longest = gpu_gaps([(e.time_range.start, e.time_range.end, e.name) for e in device])
+        # The trace, not prof.events(): it links each kernel to the host call that launched it.
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            prof.export_chrome_trace(f.name)
+            trace = json.load(f)["traceEvents"]
+        idle, longest = gpu_gaps([(e["ts"], e["ts"] + e["dur"], e) for e in trace if e.get("cat") in DEVICE])
         print(f"profile: the GPU idle between its first and last kernel {idle / 1e3 / steps:.2f} ms a step; "
-              "the longest gaps: " + "; ".join(f"{gap / 1e3:.2f} ms after {before[:50]} before {after[:50]}"
-                                               for gap, before, after in longest), file=sys.stderr)
+              "the longest gaps: " + "; ".join(f"{gap / 1e3:.2f} ms after {before['name'][:50]} before "
+                                               f"{after['name'][:50]}" for gap, before, after in longest),
+              file=sys.stderr)
+        for gap, before, after in longest[:3]:
+            print(f"profile: the {gap / 1e3:.2f} ms gap before {after['name'][:50]}: "
+                  + host_in_gap(trace, before, after), file=sys.stderr)
     if stacks:  # one more step, with PyTorch reporting each synchronizing call and its caller
         import collections
         import traceback
@@ -258,20 +268,44 @@ def profiled(step, steps: int = 3, stacks: bool = False) -> None:
             print(f"{n} synchronizing call(s) in one step from:\n    {where}", file=sys.stderr)
 
 
-def gpu_gaps(spans: list[tuple[float, float, str]], top: int = 5) -> tuple[float, list[tuple[float, str, str]]]:
-    """The GPU's idle time between its first and last kernel, from (start, end, name) spans in any
-    order (overlapping ones, as on several streams, count once), and the `top` longest gaps as
+def gpu_gaps(spans: list[tuple[float, float, object]], top: int = 5) -> tuple[float, list[tuple[float, object, object]]]:
+    """The GPU's idle time between its first and last kernel, from (start, end, kernel) spans in
+    any order (overlapping ones, as on several streams, count once), and the `top` longest gaps as
     (gap, the kernel that ended last before it, the kernel after it): where the host fell behind."""
-    spans = sorted(spans)
+    spans = sorted(spans, key=lambda span: span[:2])
     idle, gaps = 0.0, []
     end, last = spans[0][1], spans[0][2]
-    for start, stop, name in spans[1:]:
+    for start, stop, kernel in spans[1:]:
         if start > end:
             idle += start - end
-            gaps.append((start - end, last, name))
+            gaps.append((start - end, last, kernel))
         if stop > end:
-            end, last = stop, name
-    return idle, sorted(gaps, reverse=True)[:top]
+            end, last = stop, kernel
+    return idle, sorted(gaps, key=lambda gap: -gap[0])[:top]
+
+
+DEVICE = ("kernel", "gpu_memcpy", "gpu_memset")  # a Chrome trace's categories of GPU work
+LAUNCH = ("cuda_runtime", "cuda_driver")  # ... and of the host calls that queue it
+
+
+def host_in_gap(trace: list[dict], before: dict, after: dict, top: int = 6) -> str:
+    """What kept the host from queueing `after` sooner: from a profiler's Chrome trace events, the
+    host ops that ran on the thread that launched it, from the end of `before` (when the GPU ran
+    dry) to that launch, each with its time inside that window, longest first (an op's time
+    includes the ops it called, so a culprit shows with its callers)."""
+    corr = after.get("args", {}).get("correlation")
+    launch = next((e for e in trace if e.get("cat") in LAUNCH and e.get("args", {}).get("correlation") == corr), None)
+    if launch is None:
+        return "its launch is not in the trace"
+    lo, hi = before["ts"] + before["dur"], launch["ts"]
+    if hi <= lo:
+        return f"queued {(lo - hi) / 1e3:.2f} ms before the GPU ran dry: it waited on something else"
+    ops = sorted(((min(e["ts"] + e["dur"], hi) - max(e["ts"], lo), e["name"]) for e in trace
+                  if e.get("ph") == "X" and e.get("cat") not in DEVICE and e is not launch
+                  and (e.get("pid"), e.get("tid")) == (launch.get("pid"), launch.get("tid"))
+                  and e["ts"] < hi and e["ts"] + e["dur"] > lo), reverse=True)[:top]
+    return (f"launched {(hi - lo) / 1e3:.2f} ms after the GPU ran dry; meanwhile its thread ran "
+            + ("; ".join(f"{name[:60]} {t / 1e3:.2f} ms" for t, name in ops) or "no profiled op"))
 
 
 def timed(step, args) -> list[float]:

@@ -65,3 +65,40 @@ def test_gpu_gaps_count_idle_once_across_overlapping_streams_and_name_the_kernel
     assert longest == [(18.0, "b", "c"), (10.0, "d", "e")], "the kernel that ended last before each gap"
     assert throughput.gpu_gaps(spans, top=1)[1] == [(18.0, "b", "c")]
     assert throughput.gpu_gaps([(0.0, 5.0, "only")]) == (0.0, [])
+
+
+def test_a_gap_names_what_the_host_ran_before_launching_the_kernel_after_it():
+    def event(cat, name, ts, dur, corr=None, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 7, "tid": tid,
+                "args": {} if corr is None else {"correlation": corr}}
+
+    before, after = event("kernel", "gemm", 100.0, 50.0, corr=1), event("kernel", "softmax", 2400.0, 10.0, corr=2)
+    trace = [before, after, event("cuda_runtime", "cudaLaunchKernel", 90.0, 5.0, corr=1),
+             event("cuda_runtime", "cudaLaunchKernel", 2300.0, 5.0, corr=2),
+             event("cpu_op", "aten::mm", 1200.0, 1100.0), event("cuda_runtime", "cudaMalloc", 1250.0, 1000.0),
+             event("cpu_op", "aten::add", 100.0, 300.0),  # partly before the GPU ran dry at 150
+             event("cpu_op", "other thread", 200.0, 2000.0, tid=2)]
+    gap, first, second = throughput.gpu_gaps([(e["ts"], e["ts"] + e["dur"], e) for e in trace
+                                              if e["cat"] in throughput.DEVICE])[1][0]
+    assert (gap, first["name"], second["name"]) == (2250.0, "gemm", "softmax")
+    said = throughput.host_in_gap(trace, first, second)
+    assert said == ("launched 2.15 ms after the GPU ran dry; meanwhile its thread ran aten::mm 1.10 ms; "
+                    "cudaMalloc 1.00 ms; aten::add 0.25 ms"), said
+    early = dict(after, ts=2400.0)
+    trace[3] = event("cuda_runtime", "cudaLaunchKernel", 120.0, 5.0, corr=2)
+    assert throughput.host_in_gap(trace, first, early).startswith("queued 0.03 ms before the GPU ran dry")
+
+
+def test_the_profilers_trace_has_the_fields_the_gap_reading_uses(tmp_path):
+    """A real trace of a CPU step: its host ops carry the fields host_in_gap reads."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    ops = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e.get("cat") == "cpu_op"]
+    assert any(e["name"] == "aten::mm" for e in ops)
+    assert all(e["ph"] == "X" and {"ts", "dur", "pid", "tid", "args"} <= set(e) for e in ops)
