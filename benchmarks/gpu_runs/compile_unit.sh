@@ -46,6 +46,9 @@
 #       and 3 unsynced, 2 rounds, then GenMD4-S's ZeRO-3 unsynced: about 6 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
+#   13  MD4's step at owt_small's ZeRO-2 profiled, with what the host ran in its longest gaps
+#       (since 2026-12-08), then gpu_check of configs/owt_small.json at ZeRO-2 and 3 with the
+#       defaults of the sixth session of 2026-12-07 (DeepSpeed's per-step waits off): about 5 min
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"
@@ -143,7 +146,9 @@ case $mode in
   12) waits 2
       unsynced ;;
   11) unsynced ;;
+  13) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
+      check 200 --models configs/owt_small.json --zero 2 3 --tag file-nowaits ;;
   10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile
       row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12|13" >&2; exit 2 ;;
 esac
