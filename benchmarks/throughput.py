@@ -236,9 +236,10 @@ def profiled(step, steps: int = 3, stacks: bool = False) -> None:
           f"own closing synchronize included): {waits}", file=sys.stderr)
     if device:
         # The trace, not prof.events(): it links each kernel to the host call that launched it.
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            prof.export_chrome_trace(f.name)
-            trace = json.load(f)["traceEvents"]
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+            with open(os.path.join(tmp, "trace.json")) as f:
+                trace = json.load(f)["traceEvents"]
         idle, longest = gpu_gaps([(e["ts"], e["ts"] + e["dur"], e) for e in trace if e.get("cat") in DEVICE])
         print(f"profile: the GPU idle between its first and last kernel {idle / 1e3 / steps:.2f} ms a step; "
               "the longest gaps: " + "; ".join(f"{gap / 1e3:.2f} ms after {before['name'][:50]} before "

@@ -46,6 +46,8 @@
 #       and 3 unsynced, 2 rounds, then GenMD4-S's ZeRO-3 unsynced: about 6 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
+#   14  one call for the goals on an H200 when only one fits the budget: the official step and
+#       owt_small at its ZeRO-2, both objectives, then 13 as far as the call's time goes
 #   13  MD4's step at owt_small's ZeRO-2 profiled, with what the host ran in its longest gaps
 #       (since 2026-12-08), then gpu_check of configs/owt_small.json at ZeRO-2 and 3 with the
 #       defaults of the sixth session of 2026-12-07 (DeepSpeed's per-step waits off): about 5 min
@@ -56,15 +58,21 @@ T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup
 # began) if that is less than its limit, and a row with under 30 s left is skipped, so that the
 # command ends, and its results come back, before the call is cut off.
 END_S=${END_S:-585}
+left() {  # left LIMIT_S: the limit, or what is left of END_S if less ("" under 30 s)
+  local limit=$(( $1 < END_S - SECONDS ? $1 : END_S - SECONDS ))
+  [ $limit -ge 30 ] && echo $limit
+}
 row() {  # row LIMIT_S THROUGHPUT_ARGS...: the whole log kept, the result lines shown
   unlock_builds
-  local limit=$(( $1 < END_S - SECONDS ? $1 : END_S - SECONDS ))
-  if [ $limit -lt 30 ]; then echo "skipped, ${limit}s left: ${*:2}" | tee -a $OUT/c_unit.log; return; fi
-  timeout "$limit" $T "${@:2}" 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|official\|failed" | tee -a $OUT/c_unit.log
+  local limit=$(left "$1")
+  if [ -z "$limit" ]; then echo "skipped, under 30 s left: ${*:2}" | tee -a $OUT/c_unit.log; return; fi
+  timeout "$limit" $T "${@:2}" 2>&1 | tee -a $OUT/c_full.log | grep -a "tok/s\|official\|failed\|gap" | tee -a $OUT/c_unit.log
 }
 check() {  # check LIMIT_S GPU_CHECK_ARGS...: likewise for benchmarks/gpu_check.py
   unlock_builds
-  timeout "$1" python3 benchmarks/gpu_check.py --compile reduce-overhead --out $R "${@:2}" 2>&1 \
+  local limit=$(left "$1")
+  if [ -z "$limit" ]; then echo "skipped, under 30 s left: ${*:2}" | tee -a $OUT/c_check.log; return; fi
+  timeout "$limit" python3 benchmarks/gpu_check.py --compile reduce-overhead --out $R "${@:2}" 2>&1 \
     | tee -a $OUT/c_full.log | grep -a "pass\|FAIL\|Error" | tee -a $OUT/c_check.log
 }
 set -f  # the JSON lists below are words, not patterns
@@ -146,9 +154,13 @@ case $mode in
   12) waits 2
       unsynced ;;
   11) unsynced ;;
+  14) row 200 --official --models configs/owt_small.json --tag file
+      row 170 --official --models configs/owt_small.json --tag file-md4 $MD4
+      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
+      check 200 --models configs/owt_small.json --zero 2 --tag file-nowaits ;;
   13) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
       check 200 --models configs/owt_small.json --zero 2 3 --tag file-nowaits ;;
   10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile
       row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12|13" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12|13|14" >&2; exit 2 ;;
 esac
