@@ -4,7 +4,7 @@
         [--paths trainer bare] [--zero 0 1 3] [--batch 16] [--steps 20] [--warmup 5]
         [--compile off|default|reduce-overhead]
         [--profile [--sync-stacks]] [--set KEY=VALUE ...] [--official] [--repeats 1]
-        [--unsynced-fetch]
+        [--unsynced-fetch] [--unsynced-norm]
 
 Paths:
 - trainer: the step exactly as the trainer runs it: `DiffusionModel` in a DeepSpeed engine built
@@ -175,11 +175,26 @@ def unsynced_one_gpu_fetch() -> None:
     pp.NoGatherHandle.wait, pp.NoGatherCoalescedHandle.wait = single, coalesced
 
 
+def unchecked_zero3_norm() -> None:
+    """--unsynced-norm, an experiment, not a training setting: DeepSpeed's ZeRO-3 optimizer step
+    reads on the host whether the global gradient norm is finite (stage3.is_invalid_grad_norm, a
+    `bool()` of a device tensor: the host waits for the backward, the reductions and the norm),
+    to skip a non-finite step; the ZeRO-1/2 optimizer has a setting for it
+    (bf16.check_grad_overflow, off in md4_dist's config), ZeRO-3 has none. This takes every norm as
+    finite, to measure what that wait costs (md4_dist's finite.py stops a run whose loss or
+    weights go non-finite, as at ZeRO-1/2)."""
+    from deepspeed.runtime.zero import stage3
+
+    stage3.is_invalid_grad_norm = lambda norm: False
+
+
 def run_trainer(cfg: Config, args) -> list[float]:
     from md4_dist.trainer.loop import micro_step
 
     if args.unsynced_fetch:
         unsynced_one_gpu_fetch()
+    if args.unsynced_norm:
+        unchecked_zero3_norm()
     engine = trainer_engine(cfg)
     device = engine.device
     noise = NoiseByPosition(0, TRAIN, cfg.train.global_batch, SEQ_LEN,
@@ -408,6 +423,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-stacks", action="store_true", help="with --profile: where each wait is")
     ap.add_argument("--unsynced-fetch", action="store_true", help="an experiment: ZeRO-3's one-GPU "
                     "fetch without its host wait (see unsynced_one_gpu_fetch)")
+    ap.add_argument("--unsynced-norm", action="store_true", help="an experiment: ZeRO-3's optimizer "
+                    "step without reading the norm's finiteness on the host (see unchecked_zero3_norm)")
     ap.add_argument("--official", action="store_true", help="run the official md4 step first "
                     "(benchmarks/official_step.py, md4's source in .peer/) and record it in each row")
     ap.add_argument("--repeats", type=int, default=1, help="measure every row this many times, each in "
@@ -458,7 +475,8 @@ def main(argv=None) -> int:
                 (["--compile", args.compile] if args.compile else []) + [f"--set={s}" for s in args.set] + \
                 (["--profile"] if args.profile else []) + \
                 (["--sync-stacks"] if args.sync_stacks else []) + \
-                (["--unsynced-fetch"] if args.unsynced_fetch else [])
+                (["--unsynced-fetch"] if args.unsynced_fetch else []) + \
+                (["--unsynced-norm"] if args.unsynced_norm else [])
             r = subprocess.run(one, capture_output=True, text=True)
             if r.returncode != 0:
                 tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
