@@ -51,6 +51,9 @@
 #   15  MD4's trunk at owt_small's settings: ZeRO-1 and ZeRO-3, then ZeRO-3 without the host's read
 #       of the gradient norm's finiteness in DeepSpeed's ZeRO-3 step (throughput.py
 #       --unsynced-norm, an experiment), 2 rounds: about 8 min
+#   16  what one short call on an H100 owes: gpu_check of configs/owt_small.json at its ZeRO-2
+#       with the current defaults, MD4's ZeRO-2 step profiled with the host's work in its gaps,
+#       then 15's rows once: about 8 min, its tail skipped under END_S
 #   13  MD4's step at owt_small's ZeRO-2 profiled, with what the host ran in its longest gaps
 #       (since 2026-12-08), then gpu_check of configs/owt_small.json at ZeRO-2 and 3 with the
 #       defaults of the sixth session of 2026-12-07 (DeepSpeed's per-step waits off): about 5 min
@@ -165,9 +168,13 @@ case $mode in
         row 150 --models configs/owt_small.json --zero 1 3 --tag file-md4-trunk-r$round $MD4 $TRUNK
         row 90 --models configs/owt_small.json --zero 3 --unsynced-norm --tag file-md4-trunk-unsynced-norm-r$round $MD4 $TRUNK
       done ;;
+  16) check 150 --models configs/owt_small.json --zero 2 --tag file-nowaits
+      row 110 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
+      row 150 --models configs/owt_small.json --zero 1 3 --tag file-md4-trunk $MD4 $TRUNK
+      row 90 --models configs/owt_small.json --zero 3 --unsynced-norm --tag file-md4-trunk-unsynced-norm $MD4 $TRUNK ;;
   13) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
       check 200 --models configs/owt_small.json --zero 2 3 --tag file-nowaits ;;
   10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile
       row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 ;;
-  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12|13|14|15" >&2; exit 2 ;;
+  *) echo "usage: $0 1|1q|1t|1m|1s|1n|1h|1o|2|3|5|6|7|7c|8|8c|8r|8p|9|10|10p|11|12|13|14|15|16" >&2; exit 2 ;;
 esac
