@@ -38,6 +38,7 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     from md4_dist.trainer.metrics import TAGS
 
     run_dir, data = tmp_path / "run", tmp_path / "markov"  # no dataset yet: made on first use
+    shm_before = set(os.listdir("/dev/shm"))
     # a peak for the CPU (no device table entry), so that every record carries its MFU
     r = train(f"train.run_dir={run_dir}", f"data.manifest={data}", "logging.every=50",
               "eval.every=150", "logging.peak_tflops=1")
@@ -48,6 +49,10 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     # at most 2 warnings x 2 workers, none of them folded by Ray's log as "[repeated Nx ...]"
     warned = [ln for ln in (r.stdout + r.stderr).splitlines() if "is deprecated" in ln]
     assert len(warned) <= 4 and not any("repeated" in ln for ln in warned), warned
+    # ... and no shared-memory buffer left behind (DeepSpeed's CPU all-reduce maps one per rank,
+    # never unlinked, where LOCAL_SIZE is set before its communication starts)
+    left = [f for f in set(os.listdir("/dev/shm")) - shm_before if f.startswith("deepspeed")]
+    assert not left, left
     got = records((run_dir / "metrics.jsonl").read_text())
     assert [rec["step"] for rec in got] == [50, 100, 150, 200, 250, 300]
     keys = {"loss", "nelbo_bits_per_token", "lr", "grad_norm", "tokens_per_s", "step_time_s", "samples_seen",

@@ -71,13 +71,18 @@ def train_loop(loop_config: dict) -> None:
     if fatal.earlier_failure(record):
         return  # an earlier attempt met an error no restart cures: fit ends, the driver raises it
     ctx = ray.train.get_context()
-    # What DeepSpeed's own launcher tells each process: how many share its node. Without it
-    # DeepSpeed's CPU accelerator counts its devices by running `numactl` in a subprocess, at
-    # every ZeRO-3 step, and that subprocess's warning filters re-arm torch's deprecation
-    # warnings, printed again at every step (CPU workers; the CUDA accelerator asks torch).
-    os.environ["LOCAL_SIZE"] = str(ctx.get_local_world_size())
     with fatal.recorded_as_fatal(record, ctx.get_world_rank()):
-        Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()).train()
+        trainer = Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+        # What DeepSpeed's own launcher tells each process: how many share its node. Without it
+        # DeepSpeed's CPU accelerator counts its devices by running `numactl` in a subprocess, at
+        # every ZeRO-3 step, and that subprocess's warning filters re-arm torch's deprecation
+        # warnings, printed again at every step (CPU workers; the CUDA accelerator asks torch).
+        # Set only once the engine is built: when DeepSpeed's communication starts, its CPU
+        # shared-memory all-reduce (for inference, unused here) reads it and, where every rank
+        # is local, maps a 69 MB /dev/shm buffer per rank that it never unlinks (5.1 GB left in
+        # /dev/shm by one run of the test suite).
+        os.environ["LOCAL_SIZE"] = str(ctx.get_local_world_size())
+        trainer.train()
 
 
 class Trainer:
