@@ -94,7 +94,8 @@ _first_failure = []
 
 
 def pytest_sessionstart(session):
-    # A copy of stderr: while a test runs, pytest captures fd 2 itself.
+    # A copy of stderr: while a test runs, pytest captures fd 2 itself. (pytest's own
+    # faulthandler_timeout, if set, would cancel this timer after each test.)
     faulthandler.dump_traceback_later(BUDGET_S + 900, exit=True, file=open(os.dup(2), "w"))
 
 

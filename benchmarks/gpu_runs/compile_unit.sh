@@ -46,17 +46,18 @@
 #       and 3 unsynced, 2 rounds, then GenMD4-S's ZeRO-3 unsynced: about 6 min
 #   8p  where owt_small's step goes at its stage, for both objectives: --profile (top kernels,
 #       the GPU's busy share, the host's waits; in c_full.log): about 4 min
+#   13  MD4's step at owt_small's ZeRO-2 profiled, with what the host ran in its longest gaps
+#       (since 2026-12-08), then gpu_check of configs/owt_small.json at ZeRO-2 and 3 with the
+#       defaults of the sixth session of 2026-12-07 (DeepSpeed's per-step waits off): about 5 min
 #   14  one call for the goals on an H200 when only one fits the budget: the official step and
-#       owt_small at its ZeRO-2, both objectives, then 13 as far as the call's time goes
+#       owt_small at its ZeRO-2, both objectives, then 13's profile and its check at ZeRO-2, as far
+#       as the call's time goes
 #   15  MD4's trunk at owt_small's settings: ZeRO-1 and ZeRO-3, then ZeRO-3 without the host's read
 #       of the gradient norm's finiteness in DeepSpeed's ZeRO-3 step (throughput.py
 #       --unsynced-norm, an experiment), 2 rounds: about 8 min
 #   16  what one short call on an H100 owes: gpu_check of configs/owt_small.json at its ZeRO-2
 #       with the current defaults, MD4's ZeRO-2 step profiled with the host's work in its gaps,
 #       then 15's rows once: about 8 min, its tail skipped under END_S
-#   13  MD4's step at owt_small's ZeRO-2 profiled, with what the host ran in its longest gaps
-#       (since 2026-12-08), then gpu_check of configs/owt_small.json at ZeRO-2 and 3 with the
-#       defaults of the sixth session of 2026-12-07 (DeepSpeed's per-step waits off): about 5 min
 set -u
 source "$(dirname "$0")/env.sh"
 T="python3 benchmarks/throughput.py --paths trainer --out $R --steps 20 --warmup 6 --compile reduce-overhead"

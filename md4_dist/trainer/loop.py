@@ -79,8 +79,9 @@ def train_loop(loop_config: dict) -> None:
         # warnings, printed again at every step (CPU workers; the CUDA accelerator asks torch).
         # Set only once the engine is built: when DeepSpeed's communication starts, its CPU
         # shared-memory all-reduce (for inference, unused here) reads it and, where every rank
-        # is local, maps a 69 MB /dev/shm buffer per rank that it never unlinks (5.1 GB left in
-        # /dev/shm by one run of the test suite).
+        # is local, maps a 69 MB /dev/shm buffer per rank that it never unlinks: about 5 GB left
+        # in /dev/shm by one run of the test suite, and workers killed where /dev/shm holds
+        # 64 MB, as in many containers.
         os.environ["LOCAL_SIZE"] = str(ctx.get_local_world_size())
         trainer.train()
 
