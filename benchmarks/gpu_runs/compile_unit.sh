@@ -101,6 +101,13 @@ waits() {  # modes 10 and 12: the file against WAITS, alternated, for $1 rounds,
     done
   done
 }
+gaps() {  # modes 13, 14, 16: MD4's owt_small step profiled, with the host's work in its gaps
+  row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
+}
+norm_rows() {  # modes 15, 16: MD4's trunk at ZeRO-1 and 3, then ZeRO-3 with --unsynced-norm; $1 tags
+  row 150 --models configs/owt_small.json --zero 1 3 --tag file-md4-trunk$1 $MD4 $TRUNK
+  row 90 --models configs/owt_small.json --zero 3 --unsynced-norm --tag file-md4-trunk-unsynced-norm$1 $MD4 $TRUNK
+}
 unsynced() {  # mode 11
   for round in 1 2; do
     row 100 --models configs/owt_small.json --zero 1 3 $MD4 --tag file-md4-r$round
@@ -163,17 +170,14 @@ case $mode in
   11) unsynced ;;
   14) row 200 --official --models configs/owt_small.json --tag file
       row 170 --official --models configs/owt_small.json --tag file-md4 $MD4
-      row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
+      gaps
       check 200 --models configs/owt_small.json --zero 2 --tag file-nowaits ;;
-  15) for round in 1 2; do
-        row 150 --models configs/owt_small.json --zero 1 3 --tag file-md4-trunk-r$round $MD4 $TRUNK
-        row 90 --models configs/owt_small.json --zero 3 --unsynced-norm --tag file-md4-trunk-unsynced-norm-r$round $MD4 $TRUNK
-      done ;;
+  15) norm_rows -r1
+      norm_rows -r2 ;;
   16) check 150 --models configs/owt_small.json --zero 2 --tag file-nowaits
-      row 110 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
-      row 150 --models configs/owt_small.json --zero 1 3 --tag file-md4-trunk $MD4 $TRUNK
-      row 90 --models configs/owt_small.json --zero 3 --unsynced-norm --tag file-md4-trunk-unsynced-norm $MD4 $TRUNK ;;
-  13) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-gaps $MD4
+      gaps
+      norm_rows "" ;;
+  13) gaps
       check 200 --models configs/owt_small.json --zero 2 3 --tag file-nowaits ;;
   10p) row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-nosync-profile
       row 120 --models configs/owt_small.json --steps 6 --warmup 4 --profile --tag file-md4-nosync-profile $MD4 ;;
