@@ -56,7 +56,6 @@ def one(model: str, zero: int, unit: str, steps: int, top: int) -> None:
     set_up_distributed()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     engine = build_engine(cfg, 1)[0]
-    os.environ["LOCAL_SIZE"] = "1"  # as the trainer's loop does, once the engine is built
     device = torch.device("cpu")
     noise = NoiseByPosition(0, TRAIN, B, L, masks_per_sequence(cfg.diffusion), True, device)
     g = torch.Generator().manual_seed(0)

@@ -349,8 +349,8 @@ def _timed(step, args) -> list[float]:
 
 def set_up_distributed() -> None:
     """The environment of a one-process torch.distributed group, for DeepSpeed."""
-    # Not LOCAL_SIZE: set before DeepSpeed's communication starts, it makes DeepSpeed's CPU
-    # all-reduce map a /dev/shm buffer that is never unlinked (trainer/loop.py's train_loop)
+    # Not LOCAL_SIZE: build_engine sets it once DeepSpeed's communication has started (set
+    # before, DeepSpeed's CPU all-reduce maps a /dev/shm buffer that is never unlinked)
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:

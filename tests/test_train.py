@@ -45,7 +45,7 @@ def test_tiny_run_writes_metrics_and_tensorboard(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 300/300" in r.stdout + r.stderr
     # torch's deprecation warnings for the collectives DeepSpeed calls, once per worker, not at
-    # every step (DeepSpeed's CPU accelerator re-armed them without LOCAL_SIZE; loop.train_loop):
+    # every step (DeepSpeed's CPU accelerator re-armed them without LOCAL_SIZE; engine.build_engine):
     # at most 2 warnings x 2 workers, none of them folded by Ray's log as "[repeated Nx ...]"
     warned = [ln for ln in (r.stdout + r.stderr).splitlines() if "is deprecated" in ln]
     assert len(warned) <= 4 and not any("repeated" in ln for ln in warned), warned

@@ -13,6 +13,8 @@ the EMA (trainer/ema.py), its checkpoint files by trainer/checkpoint.py and the 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from md4_dist.config import Config
@@ -90,9 +92,10 @@ def _when_training(compiled, eager):
 
 
 def build_engine(cfg: Config, world_size: int, load_universal: bool = False,
-                 state_dict: dict | None = None):
+                 state_dict: dict | None = None, local_size: int = 1):
     """(engine, lr_schedule): `build_model` (with these weights when given) in a DeepSpeed engine
-    from our config. `load_universal`: the checkpoint to load was written at another world size."""
+    from our config. `load_universal`: the checkpoint to load was written at another world size.
+    `local_size`: how many ranks share this node."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size)
@@ -103,6 +106,15 @@ def build_engine(cfg: Config, world_size: int, load_universal: bool = False,
         model.load_state_dict(state_dict)
     engine, _, _, lr_schedule = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config)
+    # What DeepSpeed's own launcher tells each process. Without it DeepSpeed's CPU accelerator
+    # counts its devices by running `numactl` in a subprocess, at every ZeRO-3 step, and that
+    # subprocess's warning filters re-arm torch's deprecation warnings, printed again at every
+    # step (the CUDA accelerator asks torch). Set only now, after DeepSpeed's communication has
+    # started: there its CPU shared-memory all-reduce (for inference, unused here) reads it and,
+    # where every rank is local, maps a 69 MB /dev/shm buffer per rank that it never unlinks:
+    # about 5 GB left in /dev/shm by one run of the test suite, and workers killed where
+    # /dev/shm holds 64 MB, as in many containers.
+    os.environ["LOCAL_SIZE"] = str(local_size)
     if cfg.deepspeed.zero_stage == 3:
         # The loss reads GenMD4's exponents (phi) outside the schedule's own forward: ZeRO-3 must
         # gather them for the whole forward and backward of the top-level module.

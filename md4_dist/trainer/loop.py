@@ -17,7 +17,6 @@ reader position, the metric sums since the last record) or a function of the ste
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -72,24 +71,14 @@ def train_loop(loop_config: dict) -> None:
         return  # an earlier attempt met an error no restart cures: fit ends, the driver raises it
     ctx = ray.train.get_context()
     with fatal.recorded_as_fatal(record, ctx.get_world_rank()):
-        trainer = Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
-        # What DeepSpeed's own launcher tells each process: how many share its node. Without it
-        # DeepSpeed's CPU accelerator counts its devices by running `numactl` in a subprocess, at
-        # every ZeRO-3 step, and that subprocess's warning filters re-arm torch's deprecation
-        # warnings, printed again at every step (CPU workers; the CUDA accelerator asks torch).
-        # Set only once the engine is built: when DeepSpeed's communication starts, its CPU
-        # shared-memory all-reduce (for inference, unused here) reads it and, where every rank
-        # is local, maps a 69 MB /dev/shm buffer per rank that it never unlinks: about 5 GB left
-        # in /dev/shm by one run of the test suite, and workers killed where /dev/shm holds
-        # 64 MB, as in many containers.
-        os.environ["LOCAL_SIZE"] = str(ctx.get_local_world_size())
-        trainer.train()
+        Trainer(loop_config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
+                ctx.get_local_world_size()).train()
 
 
 class Trainer:
     """One worker's run: set up (or resumed) in the constructor, trained by `train`."""
 
-    def __init__(self, loop_config: dict, rank: int, world: int, local_rank: int):
+    def __init__(self, loop_config: dict, rank: int, world: int, local_rank: int, local_world: int):
         cfg = self.cfg = config_secrets.received(loop_config["config"], loop_config["secrets"])
         self.loop_config, self.rank, self.world = loop_config, rank, world
         self.device = torch.device(f"cuda:{local_rank}" if cfg.cluster.use_gpu else "cpu")
@@ -97,7 +86,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         found, checked_s = self._find_checkpoint()  # before DeepSpeed: it may change its config
         resized = found is not None and checkpoint.converts(found[1], world, cfg.deepspeed.zero_stage)
-        self.engine, self.lr_schedule = build_engine(cfg, world, load_universal=resized)
+        self.engine, self.lr_schedule = build_engine(cfg, world, load_universal=resized, local_size=local_world)
         self.norm_at = NormAtRecords(self.engine)
         self.ema = PartitionedEMA(self.engine.module, cfg.train.ema) if cfg.train.ema else None
         self.state = TrainState(self.device)
